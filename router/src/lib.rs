@@ -1,0 +1,47 @@
+//! The routing core of forkbus: envelopes, the wire, routing tables, flooding with duplicate
+//! suppression, and delivery accounting — with no I/O at all.
+//!
+//! This crate is to forkbus what `quinn-proto` is to quinn: the whole protocol as a pure,
+//! deterministic state machine. It opens no socket, reads no clock (every input that needs
+//! the time takes `now`), starts no thread and touches no file. The runtime
+//! (`forkbus-runtime`) moves bytes and time in and out; tests drive many routers in the
+//! deterministic [`sim::Sim`].
+//!
+//! The shape is that of `quinn_proto::Connection`:
+//!
+//! - inputs: [`Router::handle_link_up`], [`Router::handle_input`],
+//!   [`Router::handle_link_down`], [`Router::handle_timeout`], [`Router::submit`];
+//! - outputs: [`Router::poll_transmit`] with [`Router::pending_output`] and
+//!   [`Router::advance_output`], [`Router::poll_event`], [`Router::poll_timeout`].
+//!
+//! Effects are data ([`Event`]); the router never calls user code.
+//!
+//! # Promises
+//!
+//! - Unicast follows the routing table, one link per hop; broadcast and group envelopes are
+//!   flooded to every link with members but the one they came on; every node keeps a
+//!   bounded window of seen ids per origin, so nothing is delivered twice.
+//! - Every envelope is delivered or reported lost with a [`LossReason`]. A link that goes
+//!   down yields its lost list ([`LinkDown`]): every envelope queued for it or written and
+//!   not acknowledged, whole. Origins elsewhere get loss notices. With a receipt, the origin
+//!   gets exactly one outcome per envelope.
+//! - Queues, windows and tables are bounded whatever peers send; a malformed frame closes
+//!   one link and nothing else.
+
+mod dedup;
+mod error;
+mod event;
+mod id;
+mod router;
+pub mod sim;
+mod stats;
+mod table;
+pub mod wire;
+
+pub use dedup::{SeenTable, SeenWindow};
+pub use error::{Error, ProtocolError};
+pub use event::{DownCause, Event, LinkDown, LossReason, LossReport, LostEnvelope, WriteState};
+pub use id::{Address, Destination, LinkId, MessageId, NodeId, Timestamp};
+pub use router::{LinkStats, NoRoutePolicy, Refused, Router, RouterConfig, SendOptions};
+pub use stats::{LossStats, RouterStats};
+pub use wire::{Envelope, Flags, Hop};
