@@ -1016,13 +1016,14 @@ impl Router {
         }
         l.rx_next += 1;
         let origin = env.id.origin;
-        if origin != self.me && self.table.learn(origin, link) == Applied::Refused {
-            self.stats.routes_refused += 1;
-        }
-        if !self.seen.insert(env.id) {
+        if origin == self.me || !self.seen.insert(env.id) {
             self.stats.duplicates += 1;
             tracing::trace!(origin = %origin, seq = env.id.seq, link = %link, "duplicate dropped");
             return Ok(());
+        }
+        // Learn from the first copy only: a duplicate took the longer way round.
+        if origin != self.me && self.table.learn(origin, link) == Applied::Refused {
+            self.stats.routes_refused += 1;
         }
         if env.flags.contains(Flags::TRACE) {
             env.trace.push(Hop {

@@ -226,25 +226,35 @@ impl RouteTable {
     }
 
     /// Applies one node's announcement, heard through `via`.
+    ///
+    /// An announcement never moves a known node to another link: on a tree a node has one
+    /// path, and where redundant links close a cycle, moving on announcements would send
+    /// one around it forever. Next hops move only by [`learn`](Self::learn).
     pub(crate) fn upsert(&mut self, info: &NodeInfo, via: LinkId) -> Applied {
         if info.node == self.me {
             return Applied::Unchanged;
         }
         self.unbury(&info.node);
-        let fresh = Entry {
-            link: via,
-            names: info.names.clone(),
-            groups: info.groups.clone(),
-        };
-        match self.nodes.get(&info.node) {
-            Some(e) if *e == fresh => return Applied::Unchanged,
-            Some(_) => {
+        let link = match self.nodes.get(&info.node) {
+            Some(e) if e.names == info.names && e.groups == info.groups => {
+                return Applied::Unchanged
+            }
+            Some(e) => {
+                let link = e.link;
                 self.forget_node(&info.node);
+                link
             }
             None if self.nodes.len() >= self.max_nodes => return Applied::Refused,
-            None => {}
-        }
-        self.insert(info.node, fresh);
+            None => via,
+        };
+        self.insert(
+            info.node,
+            Entry {
+                link,
+                names: info.names.clone(),
+                groups: info.groups.clone(),
+            },
+        );
         Applied::Changed
     }
 
@@ -418,6 +428,17 @@ mod tests {
         assert_eq!(t.resolve_name("a"), None);
         assert_eq!(t.resolve_pid(0, 2), None);
         assert_eq!(t.group_links("g", None), vec![l(1)]);
+    }
+
+    #[test]
+    fn announcements_do_not_move_known_nodes() {
+        let mut t = RouteTable::new(n(1), 16);
+        t.upsert(&info(n(2), &["a"], &[]), l(0));
+        assert_eq!(t.upsert(&info(n(2), &["a"], &[]), l(1)), Applied::Unchanged);
+        assert_eq!(t.upsert(&info(n(2), &["b"], &[]), l(1)), Applied::Changed);
+        assert_eq!(t.route(&n(2)), Some(l(0)));
+        assert_eq!(t.learn(n(2), l(1)), Applied::Changed, "envelopes move it");
+        assert_eq!(t.route(&n(2)), Some(l(1)));
     }
 
     #[test]
