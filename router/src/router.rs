@@ -16,8 +16,7 @@ use crate::stats::RouterStats;
 use crate::table::{Applied, RouteTable};
 use crate::wire::{
     decode_frame, encode_ack_fixed, encode_envelope, encode_frame, envelope_frame_len, raise_ack,
-    DecodeLimits, Deframer, Envelope, Flags, Frame, Hello, Hop, NodeInfo, Notice, RouteUpdate,
-    WIRE_VERSION,
+    DecodeLimits, Deframer, Envelope, Flags, Frame, Hello, Hop, Notice, RouteUpdate, WIRE_VERSION,
 };
 
 /// What a node does with a unicast envelope it has no route for.
@@ -935,15 +934,14 @@ impl Router {
     fn neighbour(&mut self, link: LinkId, peer: NodeId) {
         match self.table.add_neighbour(peer, link) {
             Applied::Changed => {
-                let update = RouteUpdate {
-                    upsert: vec![NodeInfo {
-                        node: peer,
-                        names: Vec::new(),
-                        groups: Vec::new(),
-                    }],
-                    remove: Vec::new(),
-                };
-                self.flood_routes(&update, Some(link));
+                // Announce what is known of it (bare when new: its own routes follow).
+                if let Some(info) = self.table.info_of(&peer) {
+                    let update = RouteUpdate {
+                        upsert: vec![info],
+                        remove: Vec::new(),
+                    };
+                    self.flood_routes(&update, Some(link));
+                }
             }
             Applied::Refused => self.stats.routes_refused += 1,
             Applied::Unchanged => {}

@@ -10,6 +10,8 @@ use crate::wire::{NodeInfo, RouteUpdate};
 struct Entry {
     /// The next hop towards it.
     link: LinkId,
+    /// The version of the announcement its names and groups come from.
+    version: u64,
     names: Vec<String>,
     groups: Vec<String>,
 }
@@ -32,6 +34,8 @@ pub(crate) enum Applied {
 #[derive(Debug)]
 pub(crate) struct RouteTable {
     me: NodeId,
+    /// Bumped whenever this node's names or groups change.
+    my_version: u64,
     my_names: Vec<String>,
     my_groups: Vec<String>,
     nodes: HashMap<NodeId, Entry>,
@@ -51,6 +55,7 @@ impl RouteTable {
         by_pid.insert((me.host, me.pid), me);
         Self {
             me,
+            my_version: 1,
             my_names: Vec::new(),
             my_groups: Vec::new(),
             nodes: HashMap::new(),
@@ -118,14 +123,21 @@ impl RouteTable {
     pub(crate) fn me_info(&self) -> NodeInfo {
         NodeInfo {
             node: self.me,
+            version: self.my_version,
             names: self.my_names.clone(),
             groups: self.my_groups.clone(),
         }
     }
 
+    /// What is known of a remote node, as an announcement.
+    pub(crate) fn info_of(&self, node: &NodeId) -> Option<NodeInfo> {
+        self.nodes.get(node).map(|e| self.info(*node, e))
+    }
+
     fn info(&self, node: NodeId, e: &Entry) -> NodeInfo {
         NodeInfo {
             node,
+            version: e.version,
             names: e.names.clone(),
             groups: e.groups.clone(),
         }
@@ -154,6 +166,7 @@ impl RouteTable {
         if self.has_name(name) {
             return false;
         }
+        self.my_version += 1;
         self.my_names.push(name.to_owned());
         self.names.insert(name.to_owned(), self.me);
         true
@@ -165,6 +178,7 @@ impl RouteTable {
         if self.my_names.len() == before {
             return false;
         }
+        self.my_version += 1;
         self.release_name(name, self.me);
         true
     }
@@ -173,6 +187,7 @@ impl RouteTable {
         if self.is_member(group) {
             return false;
         }
+        self.my_version += 1;
         self.my_groups.push(group.to_owned());
         self.groups
             .entry(group.to_owned())
@@ -187,6 +202,7 @@ impl RouteTable {
         if self.my_groups.len() == before {
             return false;
         }
+        self.my_version += 1;
         self.release_group(group, self.me);
         true
     }
@@ -216,6 +232,7 @@ impl RouteTable {
                     node,
                     Entry {
                         link: via,
+                        version: 0,
                         names: Vec::new(),
                         groups: Vec::new(),
                     },
@@ -227,18 +244,17 @@ impl RouteTable {
 
     /// Applies one node's announcement, heard through `via`.
     ///
-    /// An announcement never moves a known node to another link: on a tree a node has one
-    /// path, and where redundant links close a cycle, moving on announcements would send
-    /// one around it forever. Next hops move only by [`learn`](Self::learn).
+    /// An announcement no newer than what is known is stale and changes nothing, so
+    /// announcements die out even where redundant links close a cycle. Nor does one move a
+    /// known node to another link: on a tree a node has one path, and next hops move only
+    /// by [`learn`](Self::learn).
     pub(crate) fn upsert(&mut self, info: &NodeInfo, via: LinkId) -> Applied {
         if info.node == self.me {
             return Applied::Unchanged;
         }
         self.unbury(&info.node);
         let link = match self.nodes.get(&info.node) {
-            Some(e) if e.names == info.names && e.groups == info.groups => {
-                return Applied::Unchanged
-            }
+            Some(e) if info.version <= e.version => return Applied::Unchanged,
             Some(e) => {
                 let link = e.link;
                 self.forget_node(&info.node);
@@ -251,6 +267,7 @@ impl RouteTable {
             info.node,
             Entry {
                 link,
+                version: info.version,
                 names: info.names.clone(),
                 groups: info.groups.clone(),
             },
@@ -390,8 +407,11 @@ mod tests {
     }
 
     fn info(node: NodeId, names: &[&str], groups: &[&str]) -> NodeInfo {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static VERSION: AtomicU64 = AtomicU64::new(1);
         NodeInfo {
             node,
+            version: VERSION.fetch_add(1, Ordering::Relaxed),
             names: names.iter().map(|s| s.to_string()).collect(),
             groups: groups.iter().map(|s| s.to_string()).collect(),
         }
@@ -400,14 +420,9 @@ mod tests {
     #[test]
     fn upsert_is_idempotent_and_replaces() {
         let mut t = RouteTable::new(n(1), 16);
-        assert_eq!(
-            t.upsert(&info(n(2), &["a"], &["g"]), l(0)),
-            Applied::Changed
-        );
-        assert_eq!(
-            t.upsert(&info(n(2), &["a"], &["g"]), l(0)),
-            Applied::Unchanged
-        );
+        let first = info(n(2), &["a"], &["g"]);
+        assert_eq!(t.upsert(&first, l(0)), Applied::Changed);
+        assert_eq!(t.upsert(&first, l(0)), Applied::Unchanged);
         assert_eq!(t.resolve_name("a"), Some(n(2)));
         assert_eq!(t.upsert(&info(n(2), &["b"], &[]), l(0)), Applied::Changed);
         assert_eq!(t.resolve_name("a"), None);
@@ -433,8 +448,9 @@ mod tests {
     #[test]
     fn announcements_do_not_move_known_nodes() {
         let mut t = RouteTable::new(n(1), 16);
-        t.upsert(&info(n(2), &["a"], &[]), l(0));
-        assert_eq!(t.upsert(&info(n(2), &["a"], &[]), l(1)), Applied::Unchanged);
+        let first = info(n(2), &["a"], &[]);
+        t.upsert(&first, l(0));
+        assert_eq!(t.upsert(&first, l(1)), Applied::Unchanged);
         assert_eq!(t.upsert(&info(n(2), &["b"], &[]), l(1)), Applied::Changed);
         assert_eq!(t.route(&n(2)), Some(l(0)));
         assert_eq!(t.learn(n(2), l(1)), Applied::Changed, "envelopes move it");
@@ -501,6 +517,36 @@ mod tests {
         assert!(t.contains(&n(2)), "an announcement brings it back");
         t.remove_link(l(0));
         assert_eq!(t.add_neighbour(n(2), l(1)), Applied::Changed);
+    }
+
+    #[test]
+    fn stale_announcements_change_nothing() {
+        let mut t = RouteTable::new(n(1), 16);
+        let old = info(n(2), &["old"], &[]);
+        let new = info(n(2), &["new"], &[]);
+        assert_eq!(t.upsert(&new, l(0)), Applied::Changed);
+        assert_eq!(t.upsert(&old, l(1)), Applied::Unchanged);
+        assert_eq!(t.resolve_name("new"), Some(n(2)));
+        assert_eq!(t.resolve_name("old"), None);
+        // A bare neighbour (version 0) never wipes known names.
+        assert_eq!(t.add_neighbour(n(2), l(0)), Applied::Unchanged);
+        assert_eq!(
+            t.info_of(&n(2)).map(|i| i.names),
+            Some(vec!["new".to_string()])
+        );
+    }
+
+    #[test]
+    fn own_version_grows_with_every_change() {
+        let mut t = RouteTable::new(n(1), 16);
+        let v0 = t.me_info().version;
+        t.add_my_name("a");
+        t.join_group("g");
+        t.leave_group("g");
+        t.remove_my_name("a");
+        assert_eq!(t.me_info().version, v0 + 4);
+        t.remove_my_name("a");
+        assert_eq!(t.me_info().version, v0 + 4, "no change, no new version");
     }
 
     #[test]

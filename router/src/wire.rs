@@ -16,7 +16,7 @@
 //!                      2: group [text]            3: broadcast []
 //!             trace (when flags has TRACE): [[host, pid, inc, link+1 or 0, at_nanos], ..]
 //!  ack       [cumulative envelope frames received]
-//!  routes    [[[host, pid, inc, [names..], [groups..]], ..], [[host, pid, inc], ..]]
+//!  routes    [[[host, pid, inc, version, [names..], [groups..]], ..], [[host, pid, inc], ..]]
 //!  control   [code, data]
 //! ```
 //!
@@ -130,6 +130,9 @@ pub struct Hello {
 pub struct NodeInfo {
     /// The node.
     pub node: NodeId,
+    /// The node's announcement counter: an announcement older than the one known is stale
+    /// (0: a bare neighbour, names not yet known).
+    pub version: u64,
     /// The names it registered.
     pub names: Vec<String>,
     /// The groups it joined.
@@ -317,8 +320,9 @@ pub fn encode_frame(out: &mut Vec<u8>, frame: &Frame) -> usize {
             w.array(2);
             w.array(update.upsert.len());
             for info in &update.upsert {
-                w.array(5);
+                w.array(6);
                 w.node(info.node);
+                w.uint(info.version);
                 w.array(info.names.len());
                 for n in &info.names {
                     w.text(n);
@@ -621,9 +625,10 @@ pub fn decode_frame(kind: u8, body: &[u8], limits: DecodeLimits) -> Result<Frame
             let n = r.array("upserts")?;
             let mut upsert = Vec::with_capacity(n);
             for _ in 0..n {
-                r.array_of(5, "upsert")?;
+                r.array_of(6, "upsert")?;
                 upsert.push(NodeInfo {
                     node: r.node("upsert node")?,
+                    version: r.uint("upsert version")?,
                     names: r.texts("names")?,
                     groups: r.texts("groups")?,
                 });
@@ -870,6 +875,7 @@ mod tests {
         v.push(Frame::Routes(RouteUpdate {
             upsert: vec![NodeInfo {
                 node: node(2),
+                version: 3,
                 names: vec!["a".into(), "b".into()],
                 groups: vec!["g".into()],
             }],
