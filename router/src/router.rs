@@ -59,7 +59,8 @@ pub struct RouterConfig {
     /// Longest a received envelope frame waits for its acknowledgement when nothing is sent
     /// back that could carry it.
     pub ack_delay: Duration,
-    /// Received envelope frames that trigger an acknowledgement at once.
+    /// Received envelope frames that trigger an acknowledgement at once. Keep it below the
+    /// peers' `max_queue_envelopes`, or a full peer waits `ack_delay` for room.
     pub ack_every: u64,
     /// How long an origin waits for a receipt before reporting [`LossReason::Timeout`]
     /// (`None`: until the destination leaves the tree).
@@ -96,11 +97,6 @@ impl RouterConfig {
         if self.max_queue_envelopes == 0 || self.ack_every == 0 {
             return Err(Error::InvalidConfig(
                 "max_queue_envelopes and ack_every must be positive",
-            ));
-        }
-        if self.ack_every > self.max_queue_envelopes as u64 {
-            return Err(Error::InvalidConfig(
-                "ack_every must not exceed max_queue_envelopes",
             ));
         }
         if self.max_name == 0 || self.max_name + 64 > self.max_frame as usize {
