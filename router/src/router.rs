@@ -42,9 +42,11 @@ pub struct RouterConfig {
     pub max_frame: u32,
     /// Longest name or group name, in bytes.
     pub max_name: usize,
-    /// Envelopes a link may hold queued or written and unacknowledged.
+    /// Envelopes a link may hold queued or written and unacknowledged. Receipts and loss
+    /// notices may use a reserve of the same size again.
     pub max_queue_envelopes: usize,
-    /// Bytes of envelope frames a link may hold queued or written and unacknowledged.
+    /// Bytes of envelope frames a link may hold queued or written and unacknowledged (and
+    /// the same again as a reserve for notices).
     pub max_queue_bytes: usize,
     /// Remote nodes the routing table holds at most.
     pub max_nodes: usize,
@@ -248,9 +250,13 @@ impl Link {
         self.tx_written + self.pending() as u64
     }
 
-    fn has_room(&self, frame_len: usize, config: &RouterConfig) -> bool {
-        self.inflight.len() < config.max_queue_envelopes
-            && self.inflight_bytes + frame_len <= config.max_queue_bytes
+    /// Whether an envelope frame fits. Notices (receipts, loss notices) may use a reserve as
+    /// large as the bound itself, so that a queue full of envelopes does not also swallow
+    /// the news of their fate.
+    fn has_room(&self, frame_len: usize, config: &RouterConfig, notice: bool) -> bool {
+        let factor = if notice { 2 } else { 1 };
+        self.inflight.len() < config.max_queue_envelopes * factor
+            && self.inflight_bytes + frame_len <= config.max_queue_bytes * factor
     }
 
     fn below_low_water(&self, config: &RouterConfig) -> bool {
@@ -668,7 +674,7 @@ impl Router {
             let Some(l) = self.links.get_mut(link.index()) else {
                 continue;
             };
-            if !l.has_room(envelope_frame_len(l.next_seq, &env), &self.config) {
+            if !l.has_room(envelope_frame_len(l.next_seq, &env), &self.config, false) {
                 l.refused = true;
                 return refuse(Error::QueueFull { link }, env.payload);
             }
@@ -1340,7 +1346,8 @@ impl Router {
             return false;
         };
         let len = envelope_frame_len(l.next_seq, &queued.env);
-        if !l.has_room(len, &self.config) {
+        let notice = queued.env.flags.contains(Flags::SYSTEM);
+        if !l.has_room(len, &self.config, notice) {
             return false;
         }
         l.piggyback_ack();
