@@ -4,3 +4,8 @@
 
 pub use forkbus_router as router;
 pub use forkbus_runtime as runtime;
+
+/// The README's examples, compiled and run as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
