@@ -1499,3 +1499,186 @@ fn header_only(env: &Envelope) -> Envelope {
         payload: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::decode_stream;
+
+    fn node(pid: u32) -> NodeId {
+        NodeId::new(0, pid, 1)
+    }
+
+    fn t(nanos: u64) -> Timestamp {
+        Timestamp::from_nanos(nanos)
+    }
+
+    /// Two routers joined by one link; returns them and their link ids.
+    fn pair() -> (Router, Router, LinkId, LinkId) {
+        let mut a = Router::new(node(1), RouterConfig::default()).expect("valid");
+        let mut b = Router::new(node(2), RouterConfig::default()).expect("valid");
+        let la = a.handle_link_up(t(0), Some(node(2)));
+        let lb = b.handle_link_up(t(0), Some(node(1)));
+        let mut r = (a, b, la, lb);
+        pump(&mut r);
+        r
+    }
+
+    /// Moves all bytes both ways once; returns the frames that went a → b and b → a.
+    fn pump(r: &mut (Router, Router, LinkId, LinkId)) -> (Vec<Frame>, Vec<Frame>) {
+        let (a, b, la, lb) = r;
+        let ab = a.pending_output(*la).expect("open").to_vec();
+        a.advance_output(*la, ab.len()).expect("open");
+        b.handle_input(t(1), *lb, &ab).expect("valid");
+        let ba = b.pending_output(*lb).expect("open").to_vec();
+        b.advance_output(*lb, ba.len()).expect("open");
+        a.handle_input(t(1), *la, &ba).expect("valid");
+        let limits = DecodeLimits::default();
+        (
+            decode_stream(&ab, limits).expect("valid"),
+            decode_stream(&ba, limits).expect("valid"),
+        )
+    }
+
+    #[test]
+    fn a_reply_carries_the_acknowledgement() {
+        let mut r = pair();
+        r.0.submit(t(2), node(2), vec![1], SendOptions::default())
+            .expect("room");
+        let ab = r.0.pending_output(r.2).expect("open").to_vec();
+        r.0.advance_output(r.2, ab.len()).expect("open");
+        r.1.handle_input(t(3), r.3, &ab).expect("valid");
+        // Nothing to say back yet: the acknowledgement waits for a ride or the timer.
+        assert!(r.1.pending_output(r.3).expect("open").is_empty());
+        assert_eq!(
+            r.1.poll_timeout(),
+            Some(t(3) + RouterConfig::default().ack_delay)
+        );
+        r.1.submit(t(4), node(1), vec![2], SendOptions::default())
+            .expect("room");
+        let ba = decode_stream(
+            r.1.pending_output(r.3).expect("open"),
+            DecodeLimits::default(),
+        )
+        .expect("valid");
+        assert!(matches!(
+            ba.as_slice(),
+            [Frame::Ack(1), Frame::Envelope { .. }]
+        ));
+        assert_eq!(r.1.poll_timeout(), None, "the timer is off once acked");
+    }
+
+    #[test]
+    fn the_ack_timer_sends_a_lone_acknowledgement() {
+        let mut r = pair();
+        r.0.submit(t(2), node(2), vec![1], SendOptions::default())
+            .expect("room");
+        let ab = r.0.pending_output(r.2).expect("open").to_vec();
+        r.0.advance_output(r.2, ab.len()).expect("open");
+        r.1.handle_input(t(3), r.3, &ab).expect("valid");
+        let due = r.1.poll_timeout().expect("ack timer");
+        r.1.handle_timeout(due);
+        assert_eq!(r.1.poll_transmit(), Some(r.3));
+        let ba = r.1.pending_output(r.3).expect("open").to_vec();
+        assert_eq!(
+            decode_stream(&ba, DecodeLimits::default()),
+            Ok(vec![Frame::Ack(1)])
+        );
+        r.0.handle_input(t(4), r.2, &ba).expect("valid");
+        assert_eq!(r.0.link_stats(r.2).map(|s| s.in_flight), Ok(0));
+        assert!(r.0.is_idle());
+    }
+
+    #[test]
+    fn a_queued_acknowledgement_is_raised_in_place() {
+        let mut r = pair();
+        let mut config = RouterConfig::default();
+        config.ack_every = 1;
+        r.1.config = config;
+        for k in 0..3u8 {
+            r.0.submit(t(2), node(2), vec![k], SendOptions::default())
+                .expect("room");
+            let ab = r.0.pending_output(r.2).expect("open").to_vec();
+            r.0.advance_output(r.2, ab.len()).expect("open");
+            r.1.handle_input(t(3), r.3, &ab).expect("valid");
+        }
+        // B never wrote: one acknowledgement frame, counting all three.
+        let ba = r.1.pending_output(r.3).expect("open");
+        assert_eq!(
+            decode_stream(ba, DecodeLimits::default()),
+            Ok(vec![Frame::Ack(3)])
+        );
+    }
+
+    #[test]
+    fn sent_comes_once_every_byte_is_written() {
+        let mut r = pair();
+        let id =
+            r.0.submit(t(2), node(2), vec![7; 100], SendOptions::default())
+                .expect("room");
+        let n = r.0.pending_output(r.2).expect("open").len();
+        r.0.advance_output(r.2, n - 1).expect("open");
+        assert!(std::iter::from_fn(|| r.0.poll_event()).all(|e| e != Event::Sent(id)));
+        r.0.advance_output(r.2, 1).expect("open");
+        assert_eq!(r.0.poll_event(), Some(Event::Sent(id)));
+    }
+
+    #[test]
+    fn a_dead_link_id_stays_dead_when_its_slot_is_reused() {
+        let (mut a, _, la, _) = pair();
+        a.handle_link_down(t(5), la).expect("open");
+        let again = a.handle_link_up(t(6), Some(node(3)));
+        assert_eq!(again.index(), la.index(), "the slot is reused");
+        assert_ne!(again, la);
+        assert_eq!(a.handle_input(t(7), la, b"x"), Err(Error::UnknownLink(la)));
+        assert!(a.pending_output(again).is_ok());
+    }
+
+    #[test]
+    fn a_receipt_to_oneself_is_delivered_at_once() {
+        let mut a = Router::new(node(1), RouterConfig::default()).expect("valid");
+        a.register_name("me").expect("valid");
+        let id = a
+            .submit(
+                t(1),
+                Destination::Name("me".into()),
+                vec![1],
+                SendOptions {
+                    receipt: true,
+                    ..SendOptions::default()
+                },
+            )
+            .expect("accepted");
+        let events: Vec<Event> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(events.contains(&Event::Delivered(id)));
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::Message { link: None, .. })));
+        assert_eq!(a.pending_receipts(), 0);
+    }
+
+    #[test]
+    fn refusals_hand_the_payload_back() {
+        let mut a = Router::new(node(1), RouterConfig::default()).expect("valid");
+        let r = a
+            .submit(
+                t(1),
+                Destination::Broadcast,
+                vec![9; 3],
+                SendOptions {
+                    receipt: true,
+                    ..SendOptions::default()
+                },
+            )
+            .expect_err("receipts need unicast");
+        assert_eq!(r.error, Error::ReceiptNeedsUnicast);
+        assert_eq!(r.payload, vec![9; 3]);
+        let big = vec![0; a.config().max_frame as usize];
+        let r = a
+            .submit(t(1), node(2), big, SendOptions::default())
+            .expect_err("too large");
+        assert!(matches!(r.error, Error::PayloadTooLarge { .. }));
+        assert!(a.register_name("").is_err());
+        assert!(a.join_group(&"x".repeat(1000)).is_err());
+    }
+}
