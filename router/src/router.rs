@@ -1592,9 +1592,10 @@ mod tests {
     #[test]
     fn a_queued_acknowledgement_is_raised_in_place() {
         let mut r = pair();
-        let mut config = RouterConfig::default();
-        config.ack_every = 1;
-        r.1.config = config;
+        r.1.config = RouterConfig {
+            ack_every: 1,
+            ..RouterConfig::default()
+        };
         for k in 0..3u8 {
             r.0.submit(t(2), node(2), vec![k], SendOptions::default())
                 .expect("room");
