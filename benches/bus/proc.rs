@@ -1,0 +1,172 @@
+//! Process helpers for the benchmarks: fork with a closure, reap, pin, measure memory.
+
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nix::libc;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+/// A forked child that must be waited for (killed and reaped on drop otherwise).
+#[derive(Debug)]
+pub(crate) struct Child {
+    pid: Pid,
+    reaped: bool,
+}
+
+impl Child {
+    pub(crate) fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Waits for the child; an error when it failed.
+    pub(crate) fn wait(mut self) -> io::Result<()> {
+        self.reaped = true;
+        match waitpid(self.pid, None)? {
+            WaitStatus::Exited(_, 0) => Ok(()),
+            other => Err(io::Error::other(format!("child {}: {other:?}", self.pid))),
+        }
+    }
+
+    /// Kills and reaps the child.
+    pub(crate) fn kill(mut self) -> io::Result<()> {
+        self.reaped = true;
+        let _ = kill(self.pid, Signal::SIGKILL);
+        waitpid(self.pid, None)?;
+        Ok(())
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = waitpid(self.pid, None);
+        }
+    }
+}
+
+/// Forks; the child runs `f`, which returns its exit code, and never returns here. The child
+/// dies with its parent.
+pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> io::Result<Child> {
+    let parent = std::process::id();
+    // SAFETY: the benchmark is single-threaded when it forks (no thread is ever started),
+    // so the child may run ordinary code.
+    match unsafe { fork() }? {
+        ForkResult::Parent { child } => Ok(Child { pid: child, reaped: false }),
+        ForkResult::Child => {
+            // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number; getppid checks the
+            // race with a parent that died before the call.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+            }
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+            // SAFETY: leaves at once without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// Pins the calling process (and the children it forks from now on) to these CPUs; returns
+/// the previous set to restore.
+pub(crate) fn pin(cpus: &[usize]) -> io::Result<nix::sched::CpuSet> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    let before = sched_getaffinity(Pid::from_raw(0))?;
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c)?;
+    }
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(before)
+}
+
+/// Restores a CPU set saved by [`pin`].
+pub(crate) fn unpin(before: &nix::sched::CpuSet) -> io::Result<()> {
+    nix::sched::sched_setaffinity(Pid::from_raw(0), before)?;
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process of the machine.
+pub(crate) fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
+    t.unwrap_or(0)
+}
+
+/// Kilobytes of resident and proportional memory of a process (from smaps_rollup).
+pub(crate) fn rss_pss_kib(pid: Pid) -> io::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("Rss:"), field("Pss:")))
+}
+
+/// Timestamps in shared anonymous memory, one slot per process of a tree.
+#[derive(Clone, Debug)]
+pub(crate) struct SharedStamps {
+    map: Arc<Mapping>,
+    n: usize,
+}
+
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<AtomicU64>,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `SharedStamps::new` with this length.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+impl SharedStamps {
+    pub(crate) fn new(n: usize) -> io::Result<Self> {
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+        let len = std::num::NonZeroUsize::new(n.max(1) * 8)
+            .ok_or_else(|| io::Error::other("empty mapping"))?;
+        // SAFETY: a fresh anonymous shared mapping, zero-filled, aligned to a page; AtomicU64
+        // has the size and alignment of u64 and zero is a valid value.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }?;
+        Ok(Self {
+            map: Arc::new(Mapping {
+                ptr: ptr.cast(),
+                len: len.get(),
+            }),
+            n,
+        })
+    }
+
+    fn slot(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.n);
+        // SAFETY: i is in bounds of the mapping, which lives as long as `self.map`.
+        unsafe { &*self.map.ptr.as_ptr().add(i) }
+    }
+
+    pub(crate) fn set(&self, i: usize, v: u64) {
+        self.slot(i).store(v, Ordering::SeqCst);
+    }
+
+    pub(crate) fn get(&self, i: usize) -> u64 {
+        self.slot(i).load(Ordering::SeqCst)
+    }
+}
