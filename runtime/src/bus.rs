@@ -635,6 +635,12 @@ impl Bus {
     ) -> io::Result<LinkId> {
         let now = self.now();
         let link = self.router.handle_link_up(now, peer);
+        if let Relation::Child(_) = relation {
+            // The child took these first bytes (hello and routing table) from its copy of
+            // this router at fork time (see `seed_from_parent`): skip them here.
+            let n = self.router.pending_output(link).map_or(0, <[u8]>::len);
+            let _ = self.router.advance_output(link, n);
+        }
         let span = tracing::debug_span!(
             parent: &self.span, "link", %link, peer = ?peer, relation = ?relation
         );
@@ -755,11 +761,12 @@ impl Bus {
         let parent_node = self.me;
         let config = self.config.clone();
         let pid = std::process::id();
+        let me = NodeId::new(config.host, pid, incarnation);
+        let seed = self.seed_from_parent(me);
         BUS_PID.store(pid, Ordering::SeqCst);
         // Close every descriptor of the parent's bus before opening ours, so no number is
         // closed twice.
         self.reactor.abandon();
-        let me = NodeId::new(config.host, pid, incarnation);
         let code = match Self::build(config, me) {
             Ok(fresh) => {
                 let inherited = std::mem::replace(self, fresh);
@@ -776,6 +783,11 @@ impl Bus {
                             node: parent_node,
                             link: Some(link),
                         });
+                        let now = self.now();
+                        if let Err(e) = self.router.handle_input(now, link, &seed) {
+                            tracing::error!(parent: &self.span, error = %e, "the parent's routing table does not decode");
+                            exit_now(EXIT_OS_ERROR);
+                        }
                         if let Some(name) = &options.name {
                             if let Err(e) = self.register_name(name) {
                                 tracing::error!(parent: &self.span, error = %e, "cannot register the child's name");
@@ -795,6 +807,22 @@ impl Bus {
             }
         };
         exit_now(code)
+    }
+
+    /// In a forked child: the first bytes the parent will queue on its link to this child
+    /// (its hello and its whole routing table), computed from the child's copy of the
+    /// parent's router by making the very call the parent makes right after `fork`. The
+    /// router is deterministic, so the bytes are the parent's to the byte; the child feeds
+    /// them to its own router before running its closure, so it can route to every node the
+    /// parent knew at once, and the parent skips writing them. (A stopgap for a router API
+    /// that would seed a child's table from its parent's.)
+    fn seed_from_parent(&mut self, me: NodeId) -> Vec<u8> {
+        let now = self.now();
+        let link = self.router.handle_link_up(now, Some(me));
+        self.router
+            .pending_output(link)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
     }
 
     fn run_child<F: FnOnce(&mut Self)>(&mut self, child: F) -> i32 {
