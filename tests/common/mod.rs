@@ -389,8 +389,7 @@ pub fn run_until(
     let ok = Rc::new(Cell::new(false));
     let expired = Rc::new(Cell::new(false));
     let deadline = Instant::now() + limit;
-    let check: Check =
-        Rc::new(RefCell::new(move |b: &mut Bus| done(b)));
+    let check: Check = Rc::new(RefCell::new(move |b: &mut Bus| done(b)));
     schedule_check(bus, check, ok.clone(), expired.clone(), deadline);
     loop {
         match bus.run().map_err(|e| e.to_string())? {
