@@ -72,16 +72,6 @@ fn hello(bus: &mut Bus, root: u32, name: &str) {
     let _ = bus.send(Address::Pid(root), &Wire::Hello { name: name.into() });
 }
 
-fn graceful_end(mut bus: Bus) -> Result<(), String> {
-    bus.shutdown_tree();
-    match bus.run().map_err(|e| e.to_string())? {
-        Stop::Shutdown(t) => ensure(t.unreported == 0 && bus.children().is_empty(), || {
-            format!("shutdown tally {t:?}, children left {:?}", bus.children())
-        }),
-        other => Err(format!("shutdown ended with {other:?}")),
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // 4. SIGKILL the root: every descendant is gone within 2 seconds.
 
@@ -266,7 +256,7 @@ fn hygiene() -> Result<(), String> {
             format!("child exits {:?}", h.exits)
         })?;
     }
-    graceful_end(bus)
+    common::shutdown(bus)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -308,7 +298,7 @@ fn threaded_fork() -> Result<(), String> {
     ensure(heard.borrow().exits == [(pid, ExitStatus::Code(0))], || {
         format!("exits {:?}", heard.borrow().exits)
     })?;
-    graceful_end(bus)
+    common::shutdown(bus)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -404,7 +394,7 @@ fn handle_from_thread() -> Result<(), String> {
             format!("verdicts {:?}", h.verdicts)
         })?;
     }
-    graceful_end(bus)
+    common::shutdown(bus)
 }
 
 // ---------------------------------------------------------------------------------------

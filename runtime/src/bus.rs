@@ -1051,7 +1051,7 @@ impl Bus {
                     }));
             }
         }
-        self.busy = true;
+        // Timers still due make the next wait's timeout zero.
     }
 
     fn take_requests(&mut self) {

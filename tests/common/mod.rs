@@ -13,7 +13,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use forkbus::{Bus, Stop};
+use forkbus::{Bus, Pid, Stop};
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -467,5 +467,21 @@ pub fn ensure(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
         Ok(())
     } else {
         Err(what())
+    }
+}
+
+/// The nix form of a pid.
+pub fn nix_pid(p: Pid) -> NixPid {
+    NixPid::from_raw(i32::try_from(p.as_raw()).unwrap_or(i32::MAX))
+}
+
+/// Shuts the tree down gracefully and checks it ended cleanly.
+pub fn shutdown(mut bus: Bus) -> Result<(), String> {
+    bus.shutdown_tree();
+    match bus.run().map_err(|e| e.to_string())? {
+        Stop::Shutdown(t) => ensure(t.unreported == 0 && bus.children().is_empty(), || {
+            format!("shutdown tally {t:?}, children left {:?}", bus.children())
+        }),
+        other => Err(format!("shutdown ended with {other:?}")),
     }
 }
