@@ -37,6 +37,7 @@ struct Heard {
     verdicts: Vec<(u32, bool, String)>,
     counts: Vec<(u32, bool)>,
     exits: Vec<(Pid, ExitStatus)>,
+    child_shutdowns: usize,
     other: Vec<String>,
 }
 
@@ -58,6 +59,12 @@ impl Listener for Ear {
 
     fn on_child_exit(&mut self, _bus: &mut Bus, pid: Pid, status: ExitStatus) {
         self.0.borrow_mut().exits.push((pid, status));
+    }
+
+    fn on_peer_shutdown(&mut self, _bus: &mut Bus, s: &forkbus::PeerShutdown) {
+        if matches!(s.relation, Relation::Child(_)) {
+            self.0.borrow_mut().child_shutdowns += 1;
+        }
     }
 }
 
@@ -515,6 +522,120 @@ fn sigterm_driver(d: &mut common::Driver) -> Result<(), String> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// The loop's own sources: listener order and panics, timers, registered descriptors.
+
+struct Recorder {
+    name: &'static str,
+    log: Rc<RefCell<Vec<String>>>,
+    panic: bool,
+}
+
+impl Listener for Recorder {
+    fn on_message(&mut self, _bus: &mut Bus, _msg: &Message) {
+        self.log.borrow_mut().push(format!("{}:message", self.name));
+        if self.panic {
+            panic!("listener {} panics on purpose", self.name);
+        }
+    }
+
+    fn on_router_error(&mut self, _bus: &mut Bus, error: &forkbus::BusError) {
+        if matches!(error, forkbus::BusError::ListenerPanicked { .. }) {
+            self.log.borrow_mut().push(format!("{}:error", self.name));
+        }
+    }
+}
+
+fn loop_sources() -> Result<(), String> {
+    // One line for the panic on purpose, not a backtrace.
+    std::panic::set_hook(Box::new(|info| eprintln!("  (expected) {info}")));
+    let mut bus = Bus::root(BusConfig::default()).map_err(|e| e.to_string())?;
+    let log = Rc::new(RefCell::new(Vec::new()));
+    for (priority, name, panic) in [
+        (5, "e", false),
+        (-1, "a", false),
+        (0, "b", true),
+        (5, "f", false),
+        (0, "c", false),
+    ] {
+        bus.add_listener(
+            priority,
+            Recorder {
+                name,
+                log: log.clone(),
+                panic,
+            },
+        );
+    }
+    let me = bus.pid();
+    bus.send(me, &Wire::Report).map_err(|e| e.to_string())?;
+    let l = log.clone();
+    run_until(&mut bus, Duration::from_secs(10), move |_| {
+        l.borrow().len() >= 9
+    })?;
+    let got = log.borrow().clone();
+    ensure(
+        got == [
+            "a:message",
+            "b:message",
+            "c:message",
+            "e:message",
+            "f:message",
+            "a:error",
+            "c:error",
+            "e:error",
+            "f:error",
+        ],
+        || format!("listener calls {got:?}"),
+    )?;
+    // Timers fire in deadline order, a cancelled one never; a registered pipe's callback
+    // reads what a timer wrote.
+    let fired = Rc::new(RefCell::new(Vec::new()));
+    for (ms, tag) in [(30, 3), (10, 1), (20, 2)] {
+        let f = fired.clone();
+        bus.add_timer(Duration::from_millis(ms), move |_| f.borrow_mut().push(tag));
+    }
+    let f = fired.clone();
+    let cancelled = bus.add_timer(Duration::from_millis(15), move |_| f.borrow_mut().push(99));
+    ensure(bus.cancel_timer(cancelled), || "cancel failed".into())?;
+    ensure(!bus.cancel_timer(cancelled), || "cancelled twice".into())?;
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+    let read_back = Rc::new(RefCell::new(Vec::new()));
+    let r = read_back.clone();
+    let id = bus
+        .add_fd(rd, forkbus::Interest::READABLE, move |bus, ready| {
+            let mut buf = [0u8; 64];
+            if let Some(fd) = bus.fd(ready.id) {
+                if let Ok(n) = nix::unistd::read(fd, &mut buf) {
+                    r.borrow_mut().extend_from_slice(&buf[..n]);
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let fds_with_pipe = bus.descriptors().user.len();
+    bus.add_timer(Duration::from_millis(25), move |_| {
+        let _ = nix::unistd::write(&wr, b"ping");
+    });
+    let (f, r) = (fired.clone(), read_back.clone());
+    run_until(&mut bus, Duration::from_secs(10), move |_| {
+        f.borrow().len() == 3 && r.borrow().len() == 4
+    })?;
+    ensure(*fired.borrow() == [1, 2, 3], || {
+        format!("timers fired {:?}", fired.borrow())
+    })?;
+    ensure(read_back.borrow().as_slice() == b"ping", || {
+        "pipe not read".into()
+    })?;
+    ensure(fds_with_pipe == 1, || "pipe not registered".into())?;
+    let back = bus.remove_fd(id).ok_or("remove_fd")?;
+    drop(back);
+    ensure(
+        bus.descriptors().user.is_empty() && bus.remove_fd(id).is_none(),
+        || "descriptor still registered".into(),
+    )?;
+    Ok(())
+}
+
 fn main() {
     let mut h = Harness::new();
     h.run_with(
@@ -535,6 +656,11 @@ fn main() {
         "8_handle_from_thread",
         Duration::from_secs(60),
         handle_from_thread,
+    );
+    h.run(
+        "listeners_timers_fds",
+        Duration::from_secs(60),
+        loop_sources,
     );
     h.run_with(
         "10_sigterm_busy_tree",

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -601,6 +601,14 @@ impl Bus {
         self.reactor.set_interest(id.key, interest)
     }
 
+    /// A registered descriptor, to read or write it (from its callback, say).
+    pub fn fd(&self, id: FdId) -> Option<BorrowedFd<'_>> {
+        match self.reactor.sources.get(id.key) {
+            Some(Source::User(u)) if u.serial == id.serial => Some(u.fd.as_fd()),
+            _ => None,
+        }
+    }
+
     /// Deregisters a descriptor and hands it back.
     pub fn remove_fd(&mut self, id: FdId) -> Option<OwnedFd> {
         match self.reactor.sources.get(id.key) {
@@ -997,7 +1005,7 @@ impl Bus {
                     let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
                     if let Some(Source::Link(src)) = self.reactor.sources.get(key) {
                         let mut fds = [nix::poll::PollFd::new(
-                            std::os::fd::AsFd::as_fd(&src.fd),
+                            src.fd.as_fd(),
                             nix::poll::PollFlags::POLLOUT,
                         )];
                         let _ = nix::poll::poll(&mut fds, ms);
