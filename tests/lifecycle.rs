@@ -636,6 +636,35 @@ fn loop_sources() -> Result<(), String> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// A child whose closure panics exits non-zero and never returns into the caller.
+
+fn child_panics() -> Result<(), String> {
+    std::panic::set_hook(Box::new(|info| eprintln!("  (expected) {info}")));
+    let (mut bus, heard) = root_with_ear()?;
+    let returned = Rc::new(RefCell::new(false));
+    let pid = bus
+        .fork(ForkOptions::default(), |_| {
+            panic!("the child's closure panics on purpose")
+        })
+        .map_err(|e| e.to_string())?;
+    // Only the parent gets here.
+    *returned.borrow_mut() = true;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        !h.borrow().exits.is_empty()
+    })?;
+    ensure(
+        heard.borrow().exits == [(pid, ExitStatus::Code(forkbus::runtime::EXIT_PANIC))],
+        || format!("exits {:?}", heard.borrow().exits),
+    )?;
+    ensure(
+        *returned.borrow() && heard.borrow().child_shutdowns == 1,
+        || "wrong events".into(),
+    )?;
+    common::shutdown(bus)
+}
+
 fn main() {
     let mut h = Harness::new();
     h.run_with(
@@ -661,6 +690,11 @@ fn main() {
         "listeners_timers_fds",
         Duration::from_secs(60),
         loop_sources,
+    );
+    h.run(
+        "child_closure_panics",
+        Duration::from_secs(60),
+        child_panics,
     );
     h.run_with(
         "10_sigterm_busy_tree",
