@@ -75,6 +75,8 @@ struct Record {
     tag: u32,
     i: u32,
     hops: u8,
+    /// The pids of the routing trace, when the sender asked for one.
+    trace: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -108,6 +110,7 @@ impl Seen {
                     tag: *tag,
                     i: *i,
                     hops: msg.hops(),
+                    trace: msg.trace().iter().map(|h| h.node.pid).collect(),
                 });
                 true
             }
@@ -179,6 +182,7 @@ struct RootState {
     hello_hops: BTreeMap<String, u8>,
     latest: BTreeMap<u32, Got>,
     mine: Seen,
+    delivered: Vec<forkbus::MessageId>,
     problems: Vec<String>,
 }
 
@@ -208,6 +212,10 @@ impl Listener for RootListener {
             other => st.problems.push(format!("root got {other:?}")),
         }
         let _ = bus;
+    }
+
+    fn on_delivered(&mut self, _bus: &mut Bus, id: forkbus::MessageId) {
+        self.0.borrow_mut().delivered.push(id);
     }
 
     fn on_lost(&mut self, _bus: &mut Bus, report: &forkbus::LossReport) {
@@ -370,6 +378,17 @@ fn unicast() -> Result<(), String> {
     // Root to grandchildren, by pid and by name.
     send_batch(&mut bus, &Target::Pid(pid("a1")), 1, count);
     send_batch(&mut bus, &Target::Name("b2".into()), 2, count);
+    // One with a delivery receipt and a routing trace.
+    let options = forkbus::SendOptions {
+        receipt: true,
+        trace: true,
+        hop_limit: None,
+    };
+    let traced = bus
+        .send_with(to::name("a2"), &Wire::Seq { tag: 8, i: 0 }, options)
+        .map_err(|e| e.to_string())?;
+    bus.send(to::name("a2"), &Wire::End { tag: 8 })
+        .map_err(|e| e.to_string())?;
     // Grandchild to grandchild across branches, by name and by pid.
     let commands = [
         ("a1", Target::Name("b1".into()), 3),
@@ -397,6 +416,7 @@ fn unicast() -> Result<(), String> {
         ("a2", "b2", 5),
         ("a1", "b1", 6),
         ("root", "a2", 7),
+        ("a2", "root", 8),
     ];
     let expected: BTreeSet<(String, String, u32)> = streams
         .iter()
@@ -409,8 +429,24 @@ fn unicast() -> Result<(), String> {
             format!("problems: {:?}", st.problems)
         })?;
         for (rx, origin, tag) in streams {
-            check_stream(&st, rx, origin, tag, count)?;
+            check_stream(&st, rx, origin, tag, if tag == 8 { 1 } else { count })?;
         }
+        // The receipt came back once, and the trace names every hop.
+        ensure(st.delivered == [traced], || {
+            format!("receipts {:?}", st.delivered)
+        })?;
+        let trace = records_of(&st, "a2")
+            .and_then(|g| g.records.iter().find(|r| r.tag == 8))
+            .map(|r| r.trace.clone());
+        let want = vec![std::process::id(), st.pids["a"], st.pids["a2"]];
+        ensure(trace.as_ref() == Some(&want), || {
+            format!("trace {trace:?}, the path is {want:?}")
+        })?;
+        // Without a trace asked for, none is carried.
+        ensure(
+            records_of(&st, "a1").is_some_and(|g| g.records.iter().all(|r| r.trace.is_empty())),
+            || "untraced envelopes carry a trace".into(),
+        )?;
         // Nobody else got any of it.
         for rx in NAMES {
             let Some(got) = records_of(&st, rx) else {

@@ -1203,6 +1203,8 @@ impl Bus {
             return;
         };
         let raw = src.fd.as_raw_fd();
+        let span = src.span.clone();
+        let _entered = span.enter();
         let failed = loop {
             let Ok(buf) = self.router.pending_output(link) else {
                 return;

@@ -156,6 +156,15 @@ impl std::error::Error for ForkError {
     }
 }
 
+impl From<ForkError> for io::Error {
+    fn from(e: ForkError) -> Self {
+        match e {
+            ForkError::Io(e) => e,
+            ForkError::Threaded { .. } | ForkError::ShuttingDown => Self::other(e),
+        }
+    }
+}
+
 impl From<io::Error> for ForkError {
     fn from(e: io::Error) -> Self {
         Self::Io(e)

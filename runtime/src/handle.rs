@@ -111,3 +111,15 @@ impl BusHandle {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_clone<T: Send + Clone>() {}
+
+    #[test]
+    fn a_handle_goes_to_other_threads() {
+        send_clone::<BusHandle>();
+    }
+}

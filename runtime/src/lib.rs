@@ -17,11 +17,9 @@
 //!
 //! # fn main() -> std::io::Result<()> {
 //! let mut bus = Bus::root(BusConfig::default())?;
-//! let child = bus
-//!     .fork(ForkOptions::named("echo"), |bus| {
-//!         bus.add_listener(0, Echo);
-//!     })
-//!     .map_err(std::io::Error::other)?;
+//! let child = bus.fork(ForkOptions::named("echo"), |bus| {
+//!     bus.add_listener(0, Echo);
+//! })?;
 //! bus.send(child, &"hello")?;
 //! bus.send(Address::To(Destination::Name("echo".into())), &"by name")?;
 //! bus.run()?; // until stop(), SIGTERM (graceful tree shutdown) or ...
