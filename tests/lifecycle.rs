@@ -665,6 +665,40 @@ fn child_panics() -> Result<(), String> {
     common::shutdown(bus)
 }
 
+// ---------------------------------------------------------------------------------------
+// SIGINT to the root shuts the tree down too.
+
+fn sigint_scenario(report: &common::Reporter) -> Result<(), String> {
+    let (mut bus, heard) = root_with_ear()?;
+    let root = bus.pid().as_raw();
+    bus.fork(ForkOptions::named("a"), move |bus| {
+        hello(bus, root, "a");
+        let _ = bus.fork(ForkOptions::named("a1"), move |bus| hello(bus, root, "a1"));
+    })
+    .map_err(|e| e.to_string())?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        h.borrow().hellos.len() == 2
+    })?;
+    report.line("ready");
+    match bus.run().map_err(|e| e.to_string())? {
+        Stop::Shutdown(t) => ensure(t.processes == 3 && t.unreported == 0, || {
+            format!("tally {t:?}")
+        })?,
+        other => return Err(format!("the loop ended with {other:?}")),
+    }
+    let h = heard.borrow();
+    ensure(h.exits.len() == 1 && h.exits[0].1.success(), || {
+        format!("exits {:?}", h.exits)
+    })
+}
+
+fn sigint_driver(d: &mut common::Driver) -> Result<(), String> {
+    let line = d.line()?;
+    ensure(line == "ready", || format!("unexpected report {line:?}"))?;
+    kill(d.root, Signal::SIGINT).map_err(|e| e.to_string())
+}
+
 fn main() {
     let mut h = Harness::new();
     h.run_with(
@@ -695,6 +729,14 @@ fn main() {
         "child_closure_panics",
         Duration::from_secs(60),
         child_panics,
+    );
+    h.run_with(
+        "sigint_root",
+        Duration::from_secs(60),
+        RootEnd::Success,
+        Orphans::None,
+        sigint_scenario,
+        sigint_driver,
     );
     h.run_with(
         "10_sigterm_busy_tree",
