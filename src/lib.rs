@@ -1,9 +1,21 @@
 //! forkbus: a multi-process message bus over a forked tree of socketpairs.
 //!
-//! This facade re-exports the routing core ([`router`]) and the runtime ([`runtime`]).
+//! This facade re-exports the routing core ([`router`]) and the runtime ([`runtime`]), and
+//! at its root the names a program needs: [`Bus`], [`Listener`], [`Message`], addresses
+//! ([`Address`], [`Destination`], [`to`]) and outcomes ([`LossReason`], [`PeerShutdown`]).
 
 pub use forkbus_router as router;
 pub use forkbus_runtime as runtime;
+
+pub use forkbus_router::{
+    Address, Destination, DownCause, LossReason, LossReport, LostEnvelope, MessageId, NodeId,
+    RouterConfig, SendOptions, Timestamp, WriteState,
+};
+pub use forkbus_runtime::{
+    monotonic_now, to, Bus, BusConfig, BusError, BusHandle, DecodeError, Descriptors, ExitStatus,
+    FdId, FdReady, ForkError, ForkOptions, Interest, Listener, ListenerId, Message, NameError,
+    PeerShutdown, Pid, Relation, SendError, Stop, Tally, TimerId,
+};
 
 /// The README's examples, compiled and run as doctests so that they stay true.
 #[cfg(doctest)]

@@ -1,4 +1,110 @@
 //! The forkbus runtime: real processes, real socketpairs, one single-threaded reactor per
 //! process over a slab of peer sockets, driving a [`forkbus_router::Router`].
 //!
-//! Its work is tracked by its own issue; this crate holds only what the workspace needs.
+//! # A tour
+//!
+//! ```no_run
+//! use forkbus_runtime::{Bus, BusConfig, ForkOptions, Listener, Message, Pid};
+//! use forkbus_router::{Address, Destination};
+//!
+//! struct Echo;
+//! impl Listener for Echo {
+//!     fn on_message(&mut self, bus: &mut Bus, msg: &Message) {
+//!         let text: String = msg.decode().unwrap_or_default();
+//!         let _ = bus.send(msg.origin(), &format!("echo: {text}"));
+//!     }
+//! }
+//!
+//! # fn main() -> std::io::Result<()> {
+//! let mut bus = Bus::root(BusConfig::default())?;
+//! let child = bus.fork(ForkOptions::named("echo"), |bus| {
+//!     bus.add_listener(0, Echo);
+//! })?;
+//! bus.send(child, &"hello")?;
+//! bus.send(Address::To(Destination::Name("echo".into())), &"by name")?;
+//! bus.run()?; // until stop(), SIGTERM (graceful tree shutdown) or ...
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - [`Bus`]: one per process. [`Bus::root`] makes the root; [`Bus::fork`] forks a child
+//!   that runs a closure with a bus of its own, then its loop, then exits (it never returns
+//!   into the caller's code); the parent gets the pid, the route usable at once.
+//! - Sending: [`Bus::send`] encodes any `serde` value as CBOR to a pid, node, name, group or
+//!   everyone; [`Message::decode`] decodes it on arrival.
+//! - [`Listener`]s, in priority order, hear of messages, hand-offs, receipts, losses, peer
+//!   shutdowns with their lost lists, child exits and errors; a panicking listener is
+//!   caught and reported.
+//! - [`Bus::run`] runs the reactor; [`Bus::stop`] ends it; [`Bus::shutdown_tree`] (or
+//!   `SIGTERM`/`SIGINT`) drains the tree bottom-up and ends with a [`Tally`].
+//! - [`BusHandle`]: send and stop from other threads.
+//! - [`Bus::add_fd`] and [`Bus::add_timer`]: the application's descriptors and timers in the
+//!   same reactor.
+//!
+//! # Processes and descriptors
+//!
+//! Fork refuses when the process has more than one thread. A child closes every
+//! descriptor of its parent's bus (links, signalfd, poller, registered descriptors) and
+//! holds exactly: its parent link, its own children's links, its poller's descriptors
+//! (epoll, an eventfd, a timerfd) and its signalfd ([`Bus::descriptors`]). Sockets are
+//! non-blocking and close-on-exec from birth. With [`ForkOptions::die_with_parent`] (the
+//! default) a child gets `SIGKILL` when its parent dies, the race with an early death
+//! checked.
+//!
+//! The library starts no thread and installs no `tracing` subscriber; it opens a span per
+//! process (`bus`, with `pid` and `node`) and per link (`link`).
+
+mod bus;
+mod child;
+mod clock;
+mod control;
+mod error;
+mod handle;
+mod listener;
+mod message;
+mod reactor;
+mod signals;
+mod timer;
+
+pub use bus::{
+    Bus, BusConfig, Descriptors, ForkOptions, Stop, EXIT_OS_ERROR, EXIT_PANIC, EXIT_PARENT_GONE,
+};
+pub use child::{ExitStatus, Pid};
+pub use clock::monotonic_now;
+pub use control::Tally;
+pub use error::{BusError, DecodeError, ForkError, NameError, SendError};
+pub use handle::BusHandle;
+pub use listener::{Listener, ListenerId, PeerShutdown, Relation};
+pub use message::{decode, Message};
+pub use reactor::{describe_fd, FdId, FdReady, Interest};
+pub use timer::TimerId;
+
+pub use forkbus_router::{
+    Address, Destination, LossReason, LossReport, LostEnvelope, MessageId, NodeId, RouterConfig,
+    SendOptions, Timestamp,
+};
+
+/// Addresses, spelled shortly.
+pub mod to {
+    use forkbus_router::{Address, Destination};
+
+    /// The node that registered `name`.
+    pub fn name(name: impl Into<String>) -> Address {
+        Address::To(Destination::Name(name.into()))
+    }
+
+    /// Every member of `group`, once each.
+    pub fn group(group: impl Into<String>) -> Address {
+        Address::To(Destination::Group(group.into()))
+    }
+
+    /// Every node of the tree but the sender, once each.
+    pub fn broadcast() -> Address {
+        Address::To(Destination::Broadcast)
+    }
+
+    /// The live node with this pid.
+    pub fn pid(pid: u32) -> Address {
+        Address::Pid(pid)
+    }
+}

@@ -1,0 +1,1622 @@
+//! The bus: one per process, owning the router, the reactor, the children and the listeners.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use forkbus_router::{
+    Address, DownCause, Event, LinkDown, LinkId, MessageId, NodeId, Refused, Router, RouterConfig,
+    SendOptions, Timestamp,
+};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::ForkResult;
+use serde::Serialize;
+
+use crate::child::{Child, ChildState, ChildTable, ExitStatus, Pid};
+use crate::clock::{monotonic_now, nonce};
+use crate::control::{Tally, CONTROL_SHUTDOWN, CONTROL_TALLY};
+use crate::error::{BusError, ForkError, NameError, SendError};
+use crate::handle::{BusHandle, Outgoing, Request};
+use crate::listener::{panic_message, Listener, ListenerId, ListenerSet, PeerShutdown, Relation};
+use crate::message::{encode, Message};
+use crate::reactor::{
+    FdCallback, FdId, FdReady, Interest, LinkSource, Reactor, Ready, Source, UserSource,
+};
+use crate::signals;
+use crate::timer::{TimerId, Timers};
+
+/// Exit code of a child whose parent link went down while it was not draining.
+pub const EXIT_PARENT_GONE: i32 = 1;
+/// Exit code of a child whose closure panicked.
+pub const EXIT_PANIC: i32 = 101;
+/// Exit code of a child that could not set itself up (`EX_OSERR`), or whose loop failed.
+pub const EXIT_OS_ERROR: i32 = 71;
+
+/// Reads per link per wake-up before the loop moves on (the rest is reported again:
+/// level-triggered).
+const MAX_READS: usize = 16;
+/// Rounds of "write, then dispatch events" per loop iteration before waiting again.
+const MAX_ROUNDS: usize = 64;
+/// Timers fired per loop iteration at most (a timer re-adding itself for "now" must not
+/// starve the loop).
+const MAX_TIMERS: usize = 1024;
+/// How long a child waits at most to hand its last frames to the kernel.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+/// After the drain deadline killed the remaining children, how long to wait for them.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// The pid of the process that holds a bus (one per process).
+static BUS_PID: AtomicU32 = AtomicU32::new(0);
+
+/// How a bus is set up. Every process of a tree uses its root's configuration.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BusConfig {
+    /// Bounds and behaviour of every process's router (queue bounds, frame limit, ...).
+    pub router: RouterConfig,
+    /// The host part of every node id of this tree.
+    pub host: u32,
+    /// A name for the root.
+    pub name: Option<String>,
+    /// How long a graceful shutdown waits for children and acknowledgements before it
+    /// kills what is left and ends anyway.
+    pub drain_timeout: Duration,
+    /// Sends a [`BusHandle`] may have waiting for the loop.
+    pub handle_capacity: usize,
+    /// Bytes read from a socket per `read` call.
+    pub read_buffer: usize,
+    /// Readiness events taken per wait.
+    pub events_capacity: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            router: RouterConfig::default(),
+            host: 0,
+            name: None,
+            drain_timeout: Duration::from_secs(10),
+            handle_capacity: 1024,
+            read_buffer: 64 << 10,
+            events_capacity: 256,
+        }
+    }
+}
+
+/// How to fork a child.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ForkOptions {
+    /// A name the child registers at once (unique in the tree).
+    pub name: Option<String>,
+    /// Kill the child (`SIGKILL`) when this process dies (`PR_SET_PDEATHSIG`). On by
+    /// default.
+    pub die_with_parent: bool,
+}
+
+impl Default for ForkOptions {
+    fn default() -> Self {
+        Self {
+            name: None,
+            die_with_parent: true,
+        }
+    }
+}
+
+impl ForkOptions {
+    /// Options for a child with this name.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: Some(name.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the child dies with this process.
+    #[must_use]
+    pub fn die_with_parent(mut self, yes: bool) -> Self {
+        self.die_with_parent = yes;
+        self
+    }
+}
+
+/// Why [`Bus::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stop {
+    /// [`Bus::stop`] or [`BusHandle::stop`] was called.
+    Stopped,
+    /// A graceful shutdown of this node's subtree completed (children exited and reaped,
+    /// queues acknowledged); the tally covers the subtree. A child exits 0 after it.
+    Shutdown(Tally),
+    /// The link to this process's parent went down.
+    ParentGone,
+}
+
+/// The descriptors a bus holds, for diagnostics and hygiene checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Descriptors {
+    /// The poller's own (epoll, its notify eventfd, its timerfd).
+    pub poller: Vec<RawFd>,
+    /// The signalfd.
+    pub signal: RawFd,
+    /// Link sockets, with whom they lead to.
+    pub links: Vec<(RawFd, Relation)>,
+    /// Descriptors registered with [`Bus::add_fd`].
+    pub user: Vec<RawFd>,
+}
+
+impl Descriptors {
+    /// All of them, sorted.
+    pub fn all(&self) -> Vec<RawFd> {
+        let mut all: Vec<RawFd> = self.poller.clone();
+        all.push(self.signal);
+        all.extend(self.links.iter().map(|(fd, _)| *fd));
+        all.extend(&self.user);
+        all.sort_unstable();
+        all
+    }
+}
+
+/// The drain of a graceful shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining { deadline: Timestamp, killed: bool },
+}
+
+/// Things the loop reports outside the router's events, dispatched after them.
+#[derive(Debug)]
+enum Internal {
+    ChildExit(Pid, ExitStatus),
+    Error(BusError),
+    Shutdown,
+    Signal(i32),
+}
+
+/// This process's parent, for a child.
+#[derive(Clone, Copy, Debug)]
+struct ParentInfo {
+    node: NodeId,
+    link: Option<LinkId>,
+}
+
+type TimerFn = Box<dyn FnOnce(&mut Bus)>;
+
+/// One process's bus: its router, its reactor, its children and its listeners.
+///
+/// Create the root with [`Bus::root`] (before starting any thread), fork children with
+/// [`fork`](Self::fork) (each child gets a bus of its own, built fresh), then
+/// [`run`](Self::run) the loop. See the crate documentation for a tour.
+pub struct Bus {
+    config: BusConfig,
+    me: NodeId,
+    router: Router,
+    reactor: Reactor,
+    signal_key: usize,
+    links: HashMap<LinkId, usize>,
+    /// Links whose registration failed: their router teardown is not reported.
+    stillborn: Vec<LinkId>,
+    /// I/O errors of links, reported with their peer shutdown.
+    link_errors: Vec<(LinkId, BusError)>,
+    parent: Option<ParentInfo>,
+    children: ChildTable,
+    listeners: ListenerSet<Box<dyn Listener>>,
+    timers: Timers<TimerFn>,
+    requests_tx: Sender<Request>,
+    requests_rx: Receiver<Request>,
+    sends_tx: Sender<Outgoing>,
+    sends_rx: Receiver<Outgoing>,
+    /// A handle send refused for a full queue, retried when a link has room.
+    backlog: VecDeque<Outgoing>,
+    internal: VecDeque<Internal>,
+    phase: Phase,
+    stop: Option<Stop>,
+    running: bool,
+    /// Work is left over from the last iteration: do not sleep.
+    busy: bool,
+    now: Timestamp,
+    rbuf: Vec<u8>,
+    scratch: Vec<u8>,
+    exit_code: Option<i32>,
+    /// Tallies reported by children that exited.
+    subtree: Tally,
+    tallied: HashSet<Pid>,
+    lost_reports: u64,
+    next_fd_serial: u64,
+    span: tracing::Span,
+    /// The signal mask to put back when the root bus is dropped.
+    root_mask: Option<SigSet>,
+    owner: u32,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("node", &self.me)
+            .field("parent", &self.parent.map(|p| p.node))
+            .field("children", &self.children.len())
+            .field("links", &self.links.len())
+            .field("listeners", &self.listeners.len())
+            .field("timers", &self.timers.len())
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    // -----------------------------------------------------------------------------------
+    // Creation
+
+    /// The bus of the root process of a tree.
+    ///
+    /// Blocks `SIGCHLD`, `SIGTERM`, `SIGINT` and `SIGHUP` in the calling thread (they are
+    /// read from a signalfd by the loop; the mask is put back when the bus is dropped), so
+    /// call it before starting threads. One bus per process: a second one is refused
+    /// ([`io::ErrorKind::AlreadyExists`]).
+    pub fn root(config: BusConfig) -> io::Result<Self> {
+        let pid = std::process::id();
+        // Another pid here is a bus inherited through a plain fork: not this process's.
+        if BUS_PID.load(Ordering::SeqCst) == pid {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "this process has a bus already",
+            ));
+        }
+        BUS_PID.store(pid, Ordering::SeqCst);
+        let old_mask = match signals::block() {
+            Ok(m) => m,
+            Err(e) => {
+                BUS_PID.store(0, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        let me = NodeId::new(config.host, pid, nonce(0));
+        let name = config.name.clone();
+        match Self::build(config, me) {
+            Ok(mut bus) => {
+                bus.root_mask = Some(old_mask);
+                if let Some(name) = name {
+                    bus.router.register_name(&name).map_err(io::Error::from)?;
+                }
+                Ok(bus)
+            }
+            Err(e) => {
+                signals::restore(&old_mask);
+                BUS_PID.store(0, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(config: BusConfig, me: NodeId) -> io::Result<Self> {
+        let router = Router::new(me, config.router.clone()).map_err(io::Error::from)?;
+        let mut reactor = Reactor::new(config.events_capacity)?;
+        let signal_key =
+            reactor.insert(Source::Signal(signals::signalfd()?), Interest::READABLE)?;
+        let (requests_tx, requests_rx) = unbounded();
+        let (sends_tx, sends_rx) = bounded(config.handle_capacity.max(1));
+        let span = tracing::info_span!(parent: None, "bus", pid = me.pid, node = %me);
+        Ok(Self {
+            rbuf: vec![0; config.read_buffer.max(4096)],
+            config,
+            me,
+            router,
+            reactor,
+            signal_key,
+            links: HashMap::new(),
+            stillborn: Vec::new(),
+            link_errors: Vec::new(),
+            parent: None,
+            children: ChildTable::default(),
+            listeners: ListenerSet::default(),
+            timers: Timers::default(),
+            requests_tx,
+            requests_rx,
+            sends_tx,
+            sends_rx,
+            backlog: VecDeque::new(),
+            internal: VecDeque::new(),
+            phase: Phase::Running,
+            stop: None,
+            running: false,
+            busy: false,
+            now: monotonic_now(),
+            scratch: Vec::new(),
+            exit_code: None,
+            subtree: Tally::default(),
+            tallied: HashSet::new(),
+            lost_reports: 0,
+            next_fd_serial: 0,
+            span,
+            root_mask: None,
+            owner: me.pid,
+        })
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Getters
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.me
+    }
+
+    /// This process.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.me.pid)
+    }
+
+    /// The parent's node, for a child.
+    pub fn parent(&self) -> Option<NodeId> {
+        self.parent.map(|p| p.node)
+    }
+
+    /// Whether this is the root of its tree.
+    pub fn is_root(&self) -> bool {
+        self.parent.is_none()
+    }
+
+    /// The children alive or not yet reaped, by pid.
+    pub fn children(&self) -> Vec<Pid> {
+        self.children.pids()
+    }
+
+    /// The node of a child.
+    pub fn child_node(&self, pid: Pid) -> Option<NodeId> {
+        self.children
+            .iter()
+            .find(|(p, _)| *p == pid)
+            .map(|(_, c)| c.node)
+    }
+
+    /// The routing core, for views (routes, link statistics, counters).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Whether a graceful shutdown is draining this node.
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.phase, Phase::Draining { .. })
+    }
+
+    /// Now, as the loop sees it (`CLOCK_MONOTONIC`).
+    pub fn now(&mut self) -> Timestamp {
+        self.now = monotonic_now();
+        self.now
+    }
+
+    /// This node's own counts so far plus the tallies its exited children reported.
+    pub fn tally(&self) -> Tally {
+        let mut t = Tally::of_node(&self.router.stats(), self.lost_reports);
+        t += self.subtree;
+        t
+    }
+
+    /// The descriptors this bus holds.
+    pub fn descriptors(&self) -> Descriptors {
+        let mut links = Vec::new();
+        let mut user = Vec::new();
+        let mut signal = -1;
+        for (_, s) in &self.reactor.sources {
+            match s {
+                Source::Signal(fd) => signal = fd.as_raw_fd(),
+                Source::Link(l) => links.push((l.fd.as_raw_fd(), l.relation)),
+                Source::User(u) => user.push(u.fd.as_raw_fd()),
+            }
+        }
+        links.sort_unstable_by_key(|(fd, _)| *fd);
+        user.sort_unstable();
+        Descriptors {
+            poller: self.reactor.poller_fds().to_vec(),
+            signal,
+            links,
+            user,
+        }
+    }
+
+    /// A handle for other threads of this process.
+    pub fn handle(&self) -> BusHandle {
+        BusHandle {
+            shared: self.reactor.shared.clone(),
+            requests: self.requests_tx.clone(),
+            sends: self.sends_tx.clone(),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Sending, names, groups
+
+    /// Sends a value, encoded as CBOR, to a node, pid, name, group or everyone.
+    ///
+    /// Returns the envelope's id; its fate comes to the listeners (`on_sent`, and
+    /// `on_lost` when it is lost anywhere). Refused, with nothing queued, when a link it
+    /// must go out on is full ([`SendError::QueueFull`]: retry after `on_send_ready`) or
+    /// while the bus drains for shutdown.
+    pub fn send<T: Serialize + ?Sized>(
+        &mut self,
+        to: impl Into<Address>,
+        value: &T,
+    ) -> Result<MessageId, SendError> {
+        self.send_with(to, value, SendOptions::default())
+    }
+
+    /// Sends a value with options (a delivery receipt, a routing trace, a hop limit).
+    pub fn send_with<T: Serialize + ?Sized>(
+        &mut self,
+        to: impl Into<Address>,
+        value: &T,
+        options: SendOptions,
+    ) -> Result<MessageId, SendError> {
+        let payload = encode(value, &mut self.scratch)?;
+        self.send_bytes(to, payload, options)
+    }
+
+    /// Sends raw payload bytes.
+    pub fn send_bytes(
+        &mut self,
+        to: impl Into<Address>,
+        payload: Vec<u8>,
+        options: SendOptions,
+    ) -> Result<MessageId, SendError> {
+        self.submit(to.into(), payload, options).map_err(|(e, _)| e)
+    }
+
+    fn submit(
+        &mut self,
+        to: Address,
+        payload: Vec<u8>,
+        options: SendOptions,
+    ) -> Result<MessageId, (SendError, Vec<u8>)> {
+        if self.is_stopping() {
+            return Err((SendError::ShuttingDown, payload));
+        }
+        let now = self.now();
+        match self.router.submit(now, to, payload, options) {
+            Ok(id) => Ok(id),
+            Err(Refused { error, payload }) => {
+                let peer = match &error {
+                    forkbus_router::Error::QueueFull { link } => self.peer_of(*link),
+                    _ => None,
+                };
+                Err((SendError::from_router(error, peer), payload))
+            }
+        }
+    }
+
+    fn peer_of(&self, link: LinkId) -> Option<NodeId> {
+        self.router.link_stats(link).ok().and_then(|s| s.peer)
+    }
+
+    /// Registers a name for this node, announced to the whole tree (names are unique).
+    pub fn register_name(&mut self, name: &str) -> Result<(), NameError> {
+        self.router
+            .register_name(name)
+            .map_err(NameError::from_router)
+    }
+
+    /// Gives up a name.
+    pub fn unregister_name(&mut self, name: &str) -> Result<(), NameError> {
+        self.router
+            .unregister_name(name)
+            .map_err(NameError::from_router)
+    }
+
+    /// Joins a group, announced to the whole tree.
+    pub fn join_group(&mut self, group: &str) -> Result<(), NameError> {
+        self.router
+            .join_group(group)
+            .map_err(NameError::from_router)
+    }
+
+    /// Leaves a group.
+    pub fn leave_group(&mut self, group: &str) -> Result<(), NameError> {
+        self.router
+            .leave_group(group)
+            .map_err(NameError::from_router)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Listeners, timers, descriptors
+
+    /// Adds a listener; lowest priority runs first, ties in the order added.
+    pub fn add_listener(&mut self, priority: i32, listener: impl Listener + 'static) -> ListenerId {
+        self.listeners.insert(priority, Box::new(listener))
+    }
+
+    /// Removes a listener; `false` when there is none with this id.
+    pub fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.listeners.remove(id)
+    }
+
+    /// Runs `callback` once, `after` from now, inside the loop.
+    pub fn add_timer(
+        &mut self,
+        after: Duration,
+        callback: impl FnOnce(&mut Self) + 'static,
+    ) -> TimerId {
+        let at = self.now() + after;
+        self.add_timer_at(at, callback)
+    }
+
+    /// Runs `callback` once at `at` (on [`monotonic_now`]'s clock), inside the loop.
+    pub fn add_timer_at(
+        &mut self,
+        at: Timestamp,
+        callback: impl FnOnce(&mut Self) + 'static,
+    ) -> TimerId {
+        self.timers.insert(at, Box::new(callback))
+    }
+
+    /// Cancels a timer; `false` when it fired or was cancelled already.
+    pub fn cancel_timer(&mut self, id: TimerId) -> bool {
+        self.timers.cancel(id).is_some()
+    }
+
+    /// Registers a descriptor of the application's in the loop (level-triggered: the
+    /// callback runs on every iteration while the descriptor is ready, so read it until it
+    /// would block, or drop the interest). The bus owns it until [`remove_fd`](Self::remove_fd);
+    /// a forked child closes the parent's registered descriptors (keep a duplicate outside
+    /// the bus to share one, a listening socket say, with children).
+    pub fn add_fd(
+        &mut self,
+        fd: OwnedFd,
+        interest: Interest,
+        callback: impl FnMut(&mut Self, FdReady) + 'static,
+    ) -> io::Result<FdId> {
+        let serial = self.next_fd_serial;
+        self.next_fd_serial += 1;
+        let callback: FdCallback = Box::new(callback);
+        let key = self.reactor.insert(
+            Source::User(UserSource {
+                fd,
+                serial,
+                interest,
+                callback: Some(callback),
+            }),
+            interest,
+        )?;
+        Ok(FdId { key, serial })
+    }
+
+    /// Changes what a registered descriptor is watched for.
+    pub fn set_fd_interest(&mut self, id: FdId, interest: Interest) -> io::Result<()> {
+        match self.reactor.sources.get_mut(id.key) {
+            Some(Source::User(u)) if u.serial == id.serial => u.interest = interest,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no such descriptor",
+                ))
+            }
+        }
+        self.reactor.set_interest(id.key, interest)
+    }
+
+    /// A registered descriptor, to read or write it (from its callback, say).
+    pub fn fd(&self, id: FdId) -> Option<BorrowedFd<'_>> {
+        match self.reactor.sources.get(id.key) {
+            Some(Source::User(u)) if u.serial == id.serial => Some(u.fd.as_fd()),
+            _ => None,
+        }
+    }
+
+    /// Deregisters a descriptor and hands it back.
+    pub fn remove_fd(&mut self, id: FdId) -> Option<OwnedFd> {
+        match self.reactor.sources.get(id.key) {
+            Some(Source::User(u)) if u.serial == id.serial => {}
+            _ => return None,
+        }
+        match self.reactor.remove(id.key) {
+            Some(Source::User(u)) => {
+                // A callback removing its own descriptor: drop it after it returns.
+                Some(u.fd)
+            }
+            _ => None,
+        }
+    }
+
+    /// Adopts a connected stream socket as a link to a peer that speaks the bus protocol
+    /// (a program started another way, a test's raw peer). `peer`, when given, is the node
+    /// the hello must name; its route is usable at once.
+    pub fn attach_link(&mut self, fd: OwnedFd, peer: Option<NodeId>) -> io::Result<LinkId> {
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+        let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+        flags.insert(nix::fcntl::OFlag::O_NONBLOCK);
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        self.add_link(fd, peer, Relation::Attached)
+    }
+
+    fn add_link(
+        &mut self,
+        fd: OwnedFd,
+        peer: Option<NodeId>,
+        relation: Relation,
+    ) -> io::Result<LinkId> {
+        let now = self.now();
+        let link = self.router.handle_link_up(now, peer);
+        if let Relation::Child(_) = relation {
+            // The child took these first bytes (hello and routing table) from its copy of
+            // this router at fork time (see `seed_from_parent`): skip them here.
+            let n = self.router.pending_output(link).map_or(0, <[u8]>::len);
+            let _ = self.router.advance_output(link, n);
+        }
+        let span = tracing::debug_span!(
+            parent: &self.span, "link", %link, peer = ?peer, relation = ?relation
+        );
+        let source = Source::Link(LinkSource {
+            fd,
+            link,
+            peer,
+            relation,
+            writing: false,
+            span,
+        });
+        match self.reactor.insert(source, Interest::READABLE) {
+            Ok(key) => {
+                self.links.insert(link, key);
+                Ok(link)
+            }
+            Err(e) => {
+                self.stillborn.push(link);
+                let _ = self.router.close_link(now, link);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sets the exit code this process uses when its loop ends (a child; the root does not
+    /// exit). Without one: 0, or [`EXIT_PARENT_GONE`] when the parent went away.
+    pub fn set_exit_code(&mut self, code: i32) {
+        self.exit_code = Some(code);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Fork
+
+    /// Forks a child that runs `child` with a bus of its own, then its loop, then exits; it
+    /// never returns into the caller's code (a panic in `child` is caught and the child
+    /// exits with [`EXIT_PANIC`]). Returns the child's pid; its route is usable at once.
+    ///
+    /// Refused, with nothing forked, when this process has more than one thread or the bus
+    /// is draining. In the child: the parent's links, signalfd, poller and registered
+    /// descriptors are closed; its router, queues, timers, listeners and child table are
+    /// dropped (forgotten: their destructors belong to the parent); with
+    /// [`ForkOptions::die_with_parent`], the child gets `SIGKILL` when this process dies.
+    pub fn fork<F>(&mut self, options: ForkOptions, child: F) -> Result<Pid, ForkError>
+    where
+        F: FnOnce(&mut Self),
+    {
+        if self.is_stopping() {
+            return Err(ForkError::ShuttingDown);
+        }
+        let threads = std::fs::read_dir("/proc/self/task")?.count();
+        if threads > 1 {
+            return Err(ForkError::Threaded { threads });
+        }
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        )?;
+        let incarnation = nonce(u32::try_from(self.children.len()).unwrap_or(0));
+        let parent_pid = nix::unistd::getpid();
+        // Whatever sits in the standard buffers would be written twice otherwise.
+        let _ = io::stdout().flush();
+        let _ = io::stderr().flush();
+        // SAFETY: this process has exactly one thread (counted just above; the bus starts
+        // none, and nothing ran in between), so the child may run any code, not only
+        // async-signal-safe functions. The child never returns into the caller: it ends in
+        // `_exit`.
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Child => {
+                self.become_child(options, parent_pid, incarnation, theirs, ours, child)
+            }
+            ForkResult::Parent { child: raw } => {
+                drop(theirs);
+                let pid = Pid::from_raw(u32::try_from(raw.as_raw()).unwrap_or(0));
+                let node = NodeId::new(self.me.host, pid.as_raw(), incarnation);
+                match self.add_link(ours, Some(node), Relation::Child(pid)) {
+                    Ok(link) => {
+                        tracing::debug!(parent: &self.span, child = %node, "forked");
+                        self.children.insert(
+                            pid,
+                            Child {
+                                node,
+                                link: Some(link),
+                                state: ChildState::Running,
+                            },
+                        );
+                        Ok(pid)
+                    }
+                    Err(e) => {
+                        let _ = kill(raw, Signal::SIGKILL);
+                        let _ = waitpid(raw, None);
+                        Err(ForkError::Io(e))
+                    }
+                }
+            }
+        }
+    }
+
+    fn become_child<F: FnOnce(&mut Self)>(
+        &mut self,
+        options: ForkOptions,
+        parent_pid: nix::unistd::Pid,
+        incarnation: u32,
+        link_fd: OwnedFd,
+        parent_end: OwnedFd,
+        child: F,
+    ) -> ! {
+        drop(parent_end);
+        if options.die_with_parent && nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
+            exit_now(EXIT_OS_ERROR);
+        }
+        // The parent may have died before the death signal was armed: then nobody will
+        // send it, and the child is an orphan already.
+        if nix::unistd::getppid() != parent_pid {
+            exit_now(EXIT_PARENT_GONE);
+        }
+        let parent_node = self.me;
+        let config = self.config.clone();
+        let pid = std::process::id();
+        let me = NodeId::new(config.host, pid, incarnation);
+        let seed = self.seed_from_parent(me);
+        BUS_PID.store(pid, Ordering::SeqCst);
+        // Close every descriptor of the parent's bus before opening ours, so no number is
+        // closed twice.
+        self.reactor.abandon();
+        let code = match Self::build(config, me) {
+            Ok(fresh) => {
+                let inherited = std::mem::replace(self, fresh);
+                // The parent's router, listeners, timers, queues and children: its memory,
+                // its destructors.
+                std::mem::forget(inherited);
+                self.parent = Some(ParentInfo {
+                    node: parent_node,
+                    link: None,
+                });
+                match self.add_link(link_fd, Some(parent_node), Relation::Parent) {
+                    Ok(link) => {
+                        self.parent = Some(ParentInfo {
+                            node: parent_node,
+                            link: Some(link),
+                        });
+                        let now = self.now();
+                        if let Err(e) = self.router.handle_input(now, link, &seed) {
+                            tracing::error!(parent: &self.span, error = %e, "the parent's routing table does not decode");
+                            exit_now(EXIT_OS_ERROR);
+                        }
+                        if let Some(name) = &options.name {
+                            if let Err(e) = self.register_name(name) {
+                                tracing::error!(parent: &self.span, error = %e, "cannot register the child's name");
+                            }
+                        }
+                        self.run_child(child)
+                    }
+                    Err(e) => {
+                        tracing::error!(parent: &self.span, error = %e, "cannot register the parent link");
+                        EXIT_OS_ERROR
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the child's bus");
+                EXIT_OS_ERROR
+            }
+        };
+        exit_now(code)
+    }
+
+    /// In a forked child: the first bytes the parent will queue on its link to this child
+    /// (its hello and its whole routing table), computed from the child's copy of the
+    /// parent's router by making the very call the parent makes right after `fork`. The
+    /// router is deterministic, so the bytes are the parent's to the byte; the child feeds
+    /// them to its own router before running its closure, so it can route to every node the
+    /// parent knew at once, and the parent skips writing them. (A stopgap for a router API
+    /// that would seed a child's table from its parent's.)
+    fn seed_from_parent(&mut self, me: NodeId) -> Vec<u8> {
+        let now = self.now();
+        let link = self.router.handle_link_up(now, Some(me));
+        self.router
+            .pending_output(link)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    fn run_child<F: FnOnce(&mut Self)>(&mut self, child: F) -> i32 {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            self.span.clone().in_scope(|| child(self));
+            self.run()
+        }));
+        match outcome {
+            Ok(Ok(stop)) => match (self.exit_code, stop) {
+                (Some(code), _) => code,
+                (None, Stop::ParentGone) => EXIT_PARENT_GONE,
+                (None, _) => 0,
+            },
+            Ok(Err(e)) => {
+                tracing::error!(parent: &self.span, error = %e, "the loop failed");
+                EXIT_OS_ERROR
+            }
+            Err(panic) => {
+                tracing::error!(
+                    parent: &self.span, panic = %panic_message(&*panic), "the child's closure panicked"
+                );
+                EXIT_PANIC
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Running and stopping
+
+    /// Runs the loop until [`stop`](Self::stop), a completed graceful shutdown, or (in a
+    /// child) the loss of the parent link. The root's bus may run again afterwards.
+    ///
+    /// Fails only when the poller does, or when called from inside the loop.
+    pub fn run(&mut self) -> io::Result<Stop> {
+        if self.running {
+            return Err(io::Error::other("Bus::run called from inside the loop"));
+        }
+        self.running = true;
+        let span = self.span.clone();
+        let result = span.in_scope(|| self.run_loop());
+        self.running = false;
+        result
+    }
+
+    fn run_loop(&mut self) -> io::Result<Stop> {
+        loop {
+            self.tick();
+            if let Some(stop) = self.stop.take() {
+                return Ok(stop);
+            }
+            let timeout = self.wait_timeout();
+            self.reactor.wait(timeout)?;
+            self.now = monotonic_now();
+            let mut ready = std::mem::take(&mut self.reactor.ready);
+            for r in ready.drain(..) {
+                self.on_ready(r);
+            }
+            self.reactor.ready = ready;
+        }
+    }
+
+    /// Ends the loop at the end of this iteration ([`Stop::Stopped`]); pending output gets
+    /// one more write.
+    pub fn stop(&mut self) {
+        if self.stop.is_none() {
+            self.stop = Some(Stop::Stopped);
+        }
+    }
+
+    /// Shuts this node's subtree down gracefully (at the root: the whole tree), bottom-up:
+    /// every child is told to drain, drains its own children, waits until they are reaped
+    /// and its queues acknowledged, reports its tally and exits 0. Sends are refused from
+    /// now on. The loop ([`run`](Self::run)) returns [`Stop::Shutdown`] with the tally once
+    /// this node's children are reaped and its queues idle (or the drain deadline passed).
+    /// `SIGTERM` and `SIGINT` do the same.
+    pub fn shutdown_tree(&mut self) {
+        self.begin_drain();
+    }
+
+    fn begin_drain(&mut self) {
+        if self.is_stopping() {
+            return;
+        }
+        let now = self.now();
+        self.phase = Phase::Draining {
+            deadline: now + self.config.drain_timeout,
+            killed: false,
+        };
+        tracing::info!(parent: &self.span, children = self.children.len(), "draining");
+        for pid in self.children.pids() {
+            if let Some(c) = self.children.get_mut(pid) {
+                c.state = ChildState::Stopping;
+                if let Some(link) = c.link {
+                    let _ = self.router.send_control(link, CONTROL_SHUTDOWN, Vec::new());
+                }
+            }
+        }
+        self.internal.push_back(Internal::Shutdown);
+    }
+
+    fn check_drain(&mut self) {
+        let Phase::Draining { deadline, killed } = self.phase else {
+            return;
+        };
+        if self.children.is_empty() && self.router.is_idle() {
+            self.finish_drain();
+            return;
+        }
+        if self.now < deadline {
+            return;
+        }
+        if !self.children.is_empty() && !killed {
+            tracing::warn!(parent: &self.span, children = self.children.len(), "drain deadline passed: killing the children left");
+            for pid in self.children.pids() {
+                let _ = kill(pid.nix(), Signal::SIGKILL);
+            }
+            self.phase = Phase::Draining {
+                deadline: self.now + KILL_GRACE,
+                killed: true,
+            };
+        } else {
+            tracing::warn!(parent: &self.span, "drain deadline passed with envelopes unacknowledged");
+            self.finish_drain();
+        }
+    }
+
+    fn finish_drain(&mut self) {
+        self.phase = Phase::Running;
+        let tally = self.tally();
+        self.subtree = Tally::default();
+        self.tallied.clear();
+        tracing::info!(parent: &self.span, ?tally, "drained");
+        if let Some(link) = self.parent.and_then(|p| p.link) {
+            let mut data = Vec::new();
+            if let Ok(bytes) = encode(&tally, &mut data) {
+                let _ = self.router.send_control(link, CONTROL_TALLY, bytes);
+            }
+            self.flush_final(link);
+        }
+        self.stop = Some(Stop::Shutdown(tally));
+    }
+
+    /// Writes a link's output before the process exits, waiting for the kernel to take it
+    /// (bounded). Nothing is read meanwhile: the tally sent was this node's last word.
+    fn flush_final(&mut self, link: LinkId) {
+        let Some(&key) = self.links.get(&link) else {
+            return;
+        };
+        let Some(Source::Link(src)) = self.reactor.sources.get(key) else {
+            return;
+        };
+        let raw = src.fd.as_raw_fd();
+        let deadline = monotonic_now() + FINAL_FLUSH;
+        loop {
+            let Ok(buf) = self.router.pending_output(link) else {
+                return;
+            };
+            if buf.is_empty() {
+                return;
+            }
+            match send(raw, buf, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => {
+                    let _ = self.router.advance_output(link, n);
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    let now = monotonic_now();
+                    if now >= deadline {
+                        return;
+                    }
+                    let left = deadline.saturating_duration_since(now);
+                    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                    if let Some(Source::Link(src)) = self.reactor.sources.get(key) {
+                        let mut fds = [nix::poll::PollFd::new(
+                            src.fd.as_fd(),
+                            nix::poll::PollFlags::POLLOUT,
+                        )];
+                        let _ = nix::poll::poll(&mut fds, ms);
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn wait_timeout(&self) -> Option<Duration> {
+        if self.busy || !self.internal.is_empty() || self.stop.is_some() {
+            return Some(Duration::ZERO);
+        }
+        let mut next = self.router.poll_timeout();
+        let mut consider = |t: Option<Timestamp>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        consider(self.timers.next_deadline());
+        if let Phase::Draining { deadline, .. } = self.phase {
+            consider(Some(deadline));
+        }
+        next.map(|t| t.saturating_duration_since(self.now))
+    }
+
+    /// One pass of work that needs no waiting: timers, router timeouts, handle requests,
+    /// then writes and events until quiet, then the drain check.
+    fn tick(&mut self) {
+        self.now = monotonic_now();
+        self.fire_timers();
+        if self.router.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.router.handle_timeout(self.now);
+        }
+        self.take_requests();
+        self.drive();
+        self.check_drain();
+    }
+
+    fn fire_timers(&mut self) {
+        for _ in 0..MAX_TIMERS {
+            let Some((_, callback)) = self.timers.pop_due(self.now) else {
+                return;
+            };
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| callback(self))) {
+                self.internal
+                    .push_back(Internal::Error(BusError::CallbackPanicked {
+                        what: "timer",
+                        message: panic_message(&*panic),
+                    }));
+            }
+        }
+        // Timers still due make the next wait's timeout zero.
+    }
+
+    fn take_requests(&mut self) {
+        while let Ok(r) = self.requests_rx.try_recv() {
+            match r {
+                Request::Stop => self.stop(),
+                Request::Shutdown => self.begin_drain(),
+            }
+        }
+        self.pump_handle_sends();
+    }
+
+    /// Submits the handles' sends; a send refused for a full queue waits (and holds the
+    /// channel back) until a link has room.
+    fn pump_handle_sends(&mut self) {
+        loop {
+            let out = match self.backlog.pop_front() {
+                Some(o) => o,
+                None => match self.sends_rx.try_recv() {
+                    Ok(o) => o,
+                    Err(_) => return,
+                },
+            };
+            let Outgoing {
+                to,
+                payload,
+                options,
+            } = out;
+            match self.submit(to.clone(), payload, options) {
+                Ok(_) => {}
+                Err((SendError::QueueFull { .. }, payload)) => {
+                    self.backlog.push_front(Outgoing {
+                        to,
+                        payload,
+                        options,
+                    });
+                    return;
+                }
+                Err((error, _)) => {
+                    self.internal
+                        .push_back(Internal::Error(BusError::HandleSend { to, error }));
+                }
+            }
+        }
+    }
+
+    /// Writes and dispatches until nothing is left to write or tell.
+    fn drive(&mut self) {
+        for _ in 0..MAX_ROUNDS {
+            while let Some(link) = self.router.poll_transmit() {
+                self.flush_link(link);
+            }
+            let mut any = false;
+            while let Some(event) = self.router.poll_event() {
+                any = true;
+                self.on_router_event(event);
+            }
+            while let Some(event) = self.internal.pop_front() {
+                any = true;
+                self.on_internal(event);
+            }
+            if !any {
+                self.busy = false;
+                return;
+            }
+        }
+        self.busy = true;
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Readiness
+
+    fn on_ready(&mut self, r: Ready) {
+        match self.reactor.sources.get(r.key) {
+            Some(Source::Link(l)) => {
+                let link = l.link;
+                if r.readable {
+                    self.read_link(r.key, MAX_READS);
+                }
+                if r.writable {
+                    self.flush_link(link);
+                }
+            }
+            Some(Source::Signal(_)) => self.read_signals(),
+            Some(Source::User(_)) => self.fire_fd(r),
+            None => {}
+        }
+    }
+
+    /// Reads a link until it would block (a short read means the socket was empty, and
+    /// level-triggered readiness reports what comes later), end of file, an error, or
+    /// `max_reads` reads.
+    fn read_link(&mut self, key: usize, max_reads: usize) {
+        let Some(Source::Link(src)) = self.reactor.sources.get(key) else {
+            return;
+        };
+        let (raw, link) = (src.fd.as_raw_fd(), src.link);
+        let span = src.span.clone();
+        let _entered = span.enter();
+        for _ in 0..max_reads {
+            match recv(raw, &mut self.rbuf, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => {
+                    tracing::debug!("end of file");
+                    let _ = self.router.handle_link_down(self.now, link);
+                    return;
+                }
+                Ok(n) => {
+                    if self
+                        .router
+                        .handle_input(self.now, link, &self.rbuf[..n])
+                        .is_err()
+                    {
+                        // Closed by the router (protocol error); its LinkDown is queued.
+                        return;
+                    }
+                    if n < self.rbuf.len() {
+                        return;
+                    }
+                }
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR) => {}
+                Err(Errno::ECONNRESET) => {
+                    let _ = self.router.handle_link_down(self.now, link);
+                    return;
+                }
+                Err(e) => {
+                    self.link_failed(link, "read", e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes a link's coalesced output with one `send` (a partial write waits for
+    /// writability), and asks for write interest only while output is left.
+    fn flush_link(&mut self, link: LinkId) {
+        let Some(&key) = self.links.get(&link) else {
+            return;
+        };
+        let Some(Source::Link(src)) = self.reactor.sources.get(key) else {
+            return;
+        };
+        let raw = src.fd.as_raw_fd();
+        let span = src.span.clone();
+        let _entered = span.enter();
+        let failed = loop {
+            let Ok(buf) = self.router.pending_output(link) else {
+                return;
+            };
+            if buf.is_empty() {
+                break None;
+            }
+            match send(raw, buf, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => {
+                    let all = n == buf.len();
+                    let _ = self.router.advance_output(link, n);
+                    if !all {
+                        // The kernel took what it had room for: wait for writability.
+                        break None;
+                    }
+                }
+                Err(Errno::EAGAIN) => break None,
+                Err(Errno::EINTR) => {}
+                Err(e) => break Some(e),
+            }
+        };
+        match failed {
+            Some(Errno::EPIPE | Errno::ECONNRESET) => self.peer_gone(link),
+            Some(e) => self.link_failed(link, "write", e),
+            None => self.update_write_interest(key, link),
+        }
+    }
+
+    fn update_write_interest(&mut self, key: usize, link: LinkId) {
+        let want = self
+            .router
+            .pending_output(link)
+            .is_ok_and(|b| !b.is_empty());
+        let Some(Source::Link(src)) = self.reactor.sources.get_mut(key) else {
+            return;
+        };
+        if src.writing == want {
+            return;
+        }
+        src.writing = want;
+        let interest = Interest {
+            readable: true,
+            writable: want,
+        };
+        if let Err(e) = self.reactor.set_interest(key, interest) {
+            self.internal
+                .push_back(Internal::Error(BusError::Poller(e)));
+        }
+    }
+
+    /// The peer closed its end: read what it left, then the end of file takes the link
+    /// down (or take it down now if someone else still holds the peer's end).
+    fn peer_gone(&mut self, link: LinkId) {
+        if let Some(&key) = self.links.get(&link) {
+            self.read_link(key, usize::MAX);
+        }
+        if self.router.link_stats(link).is_ok() {
+            let _ = self.router.handle_link_down(self.now, link);
+        }
+    }
+
+    fn link_failed(&mut self, link: LinkId, op: &'static str, e: Errno) {
+        let peer = self.peer_of(link);
+        tracing::warn!(%link, op, error = %e, "link failed");
+        self.link_errors.push((
+            link,
+            BusError::Io {
+                peer,
+                op,
+                error: e.into(),
+            },
+        ));
+        let _ = self.router.handle_link_down(self.now, link);
+    }
+
+    fn read_signals(&mut self) {
+        let mut reap = false;
+        while let Some(Source::Signal(sfd)) = self.reactor.sources.get(self.signal_key) {
+            match sfd.read_signal() {
+                Ok(Some(info)) => {
+                    let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
+                    match Signal::try_from(signo) {
+                        Ok(Signal::SIGCHLD) => reap = true,
+                        Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                            tracing::info!(signal = signo, "shutdown signal");
+                            self.begin_drain();
+                        }
+                        _ => self.internal.push_back(Internal::Signal(signo)),
+                    }
+                }
+                Ok(None) => break,
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the signalfd");
+                    break;
+                }
+            }
+        }
+        if reap {
+            self.reap_children();
+        }
+    }
+
+    /// Reaps every child that ended (signals coalesce: look at all of them).
+    fn reap_children(&mut self) {
+        for pid in self.children.pids() {
+            loop {
+                match waitpid(pid.nix(), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => break,
+                    Ok(status) => {
+                        if let Some(exit) = ExitStatus::from_wait(status) {
+                            self.child_exited(pid, exit);
+                        }
+                        break;
+                    }
+                    Err(Errno::EINTR) => {}
+                    Err(e) => {
+                        tracing::warn!(%pid, error = %e, "cannot wait for a child");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn child_exited(&mut self, pid: Pid, status: ExitStatus) {
+        let Some(child) = self.children.remove(pid) else {
+            return;
+        };
+        tracing::debug!(%pid, %status, "child reaped");
+        if let Some(link) = child.link {
+            // Whatever the child wrote before it died is in the socket: take it first.
+            if let Some(&key) = self.links.get(&link) {
+                self.read_link(key, usize::MAX);
+            }
+            if self.router.link_stats(link).is_ok() {
+                let _ = self.router.handle_link_down(self.now, link);
+            }
+        }
+        self.internal.push_back(Internal::ChildExit(pid, status));
+    }
+
+    fn fire_fd(&mut self, r: Ready) {
+        let Some(Source::User(u)) = self.reactor.sources.get_mut(r.key) else {
+            return;
+        };
+        let serial = u.serial;
+        let ready = FdReady {
+            id: FdId { key: r.key, serial },
+            fd: u.fd.as_raw_fd(),
+            readable: r.readable,
+            writable: r.writable,
+        };
+        let Some(mut callback) = u.callback.take() else {
+            return;
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| callback(self, ready)));
+        if let Some(Source::User(u)) = self.reactor.sources.get_mut(r.key) {
+            if u.serial == serial && u.callback.is_none() {
+                u.callback = Some(callback);
+            }
+        }
+        if let Err(panic) = outcome {
+            self.internal
+                .push_back(Internal::Error(BusError::CallbackPanicked {
+                    what: "fd",
+                    message: panic_message(&*panic),
+                }));
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Events
+
+    fn on_router_event(&mut self, event: Event) {
+        match event {
+            Event::Message { envelope, link } => {
+                let message = Message::new(envelope, link);
+                self.emit("on_message", |l, bus| l.on_message(bus, &message));
+            }
+            Event::Sent(id) => self.emit("on_sent", |l, bus| l.on_sent(bus, id)),
+            Event::Delivered(id) => self.emit("on_delivered", |l, bus| l.on_delivered(bus, id)),
+            Event::Lost(report) => {
+                self.lost_reports += 1;
+                self.emit("on_lost", |l, bus| l.on_lost(bus, &report));
+            }
+            Event::LinkUp { link, peer } => {
+                if let Some(Source::Link(src)) = self
+                    .links
+                    .get(&link)
+                    .and_then(|k| self.reactor.sources.get_mut(*k))
+                {
+                    src.peer = Some(peer);
+                }
+                tracing::debug!(%link, %peer, "peer up");
+                self.emit("on_peer_up", |l, bus| l.on_peer_up(bus, peer));
+            }
+            Event::LinkDown(down) => self.on_link_down(down),
+            Event::LinkReady(_) => {
+                self.pump_handle_sends();
+                self.emit("on_send_ready", |l, bus| l.on_send_ready(bus));
+            }
+            Event::Control { link, code, data } => self.on_control(link, code, &data),
+            Event::NodeDown(node) => self.emit("on_node_down", |l, bus| l.on_node_down(bus, node)),
+            other => tracing::debug!(event = ?other, "unhandled router event"),
+        }
+    }
+
+    fn on_link_down(&mut self, down: LinkDown) {
+        let LinkDown {
+            link,
+            peer,
+            cause,
+            lost,
+        } = down;
+        let source = self
+            .links
+            .remove(&link)
+            .and_then(|key| self.reactor.remove(key));
+        if let Some(at) = self.stillborn.iter().position(|l| *l == link) {
+            self.stillborn.swap_remove(at);
+            return;
+        }
+        let relation = match &source {
+            Some(Source::Link(l)) => l.relation,
+            _ => Relation::Attached,
+        };
+        // Deregistered above; the descriptor closes here.
+        drop(source);
+        tracing::debug!(%link, ?peer, ?cause, lost = lost.len(), "link down");
+        match relation {
+            Relation::Parent => {
+                if let Some(p) = &mut self.parent {
+                    p.link = None;
+                }
+                if self.stop.is_none() {
+                    self.stop = Some(Stop::ParentGone);
+                }
+            }
+            Relation::Child(pid) => {
+                if let Some(c) = self.children.get_mut(pid) {
+                    c.link = None;
+                }
+            }
+            Relation::Attached => {}
+        }
+        let mut errors = Vec::new();
+        while let Some(at) = self.link_errors.iter().position(|(l, _)| *l == link) {
+            errors.push(self.link_errors.swap_remove(at).1);
+        }
+        match &cause {
+            DownCause::Protocol(error) => errors.push(BusError::Protocol {
+                peer,
+                link,
+                error: error.clone(),
+            }),
+            DownCause::Overrun => errors.push(BusError::Overrun { peer }),
+            _ => {}
+        }
+        for error in errors {
+            self.emit_error(&error, None);
+        }
+        let shutdown = PeerShutdown {
+            peer,
+            relation,
+            cause,
+            lost,
+        };
+        self.emit("on_peer_shutdown", |l, bus| {
+            l.on_peer_shutdown(bus, &shutdown)
+        });
+    }
+
+    fn on_control(&mut self, link: LinkId, code: u32, data: &[u8]) {
+        let relation = match self
+            .links
+            .get(&link)
+            .and_then(|k| self.reactor.sources.get(*k))
+        {
+            Some(Source::Link(l)) => l.relation,
+            _ => return,
+        };
+        match (code, relation) {
+            (CONTROL_SHUTDOWN, Relation::Parent) => self.begin_drain(),
+            (CONTROL_TALLY, Relation::Child(pid)) => match crate::message::decode::<Tally>(data) {
+                Ok(t) => {
+                    self.subtree += t;
+                    self.tallied.insert(pid);
+                }
+                Err(_) => self.emit_error(
+                    &BusError::BadControl {
+                        peer: self.peer_of(link),
+                        code,
+                    },
+                    None,
+                ),
+            },
+            _ => self.emit_error(
+                &BusError::BadControl {
+                    peer: self.peer_of(link),
+                    code,
+                },
+                None,
+            ),
+        }
+    }
+
+    fn on_internal(&mut self, event: Internal) {
+        match event {
+            Internal::ChildExit(pid, status) => {
+                if !self.tallied.remove(&pid) && self.is_stopping() {
+                    self.subtree.unreported += 1;
+                }
+                self.emit("on_child_exit", |l, bus| l.on_child_exit(bus, pid, status));
+            }
+            Internal::Error(error) => {
+                tracing::warn!(%error, "bus error");
+                self.emit_error(&error, None);
+            }
+            Internal::Shutdown => self.emit("on_shutdown", |l, bus| l.on_shutdown(bus)),
+            Internal::Signal(signal) => self.emit("on_signal", |l, bus| l.on_signal(bus, signal)),
+        }
+    }
+
+    fn emit_error(&mut self, error: &BusError, except: Option<ListenerId>) {
+        self.emit_filtered("on_router_error", except, |l, bus| {
+            l.on_router_error(bus, error)
+        });
+    }
+
+    fn emit(&mut self, method: &'static str, call: impl FnMut(&mut dyn Listener, &mut Self)) {
+        self.emit_filtered(method, None, call);
+    }
+
+    /// Calls every listener in order, each under `catch_unwind`. Listeners added meanwhile
+    /// run from the next event on; those removed meanwhile are skipped.
+    fn emit_filtered(
+        &mut self,
+        method: &'static str,
+        except: Option<ListenerId>,
+        mut call: impl FnMut(&mut dyn Listener, &mut Self),
+    ) {
+        if self.listeners.len() == 0 {
+            return;
+        }
+        let mut taken = self.listeners.take();
+        let mut panics = Vec::new();
+        for entry in &mut taken {
+            if Some(entry.id) == except || self.listeners.is_removed(entry.id) {
+                continue;
+            }
+            let listener: &mut dyn Listener = &mut *entry.item;
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| call(listener, self))) {
+                panics.push((entry.id, panic_message(&*panic)));
+            }
+        }
+        self.listeners.restore(taken);
+        for (listener, message) in panics {
+            tracing::error!(%listener, method, %message, "listener panicked");
+            if method != "on_router_error" {
+                let error = BusError::ListenerPanicked {
+                    listener,
+                    method,
+                    message,
+                };
+                self.emit_error(&error, Some(listener));
+            }
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        if std::process::id() != self.owner {
+            return;
+        }
+        // Close every link: children see the end of file and end their loops.
+        let keys: Vec<usize> = self.links.drain().map(|(_, k)| k).collect();
+        for key in keys {
+            drop(self.reactor.remove(key));
+        }
+        // Reap them, killing what does not end in time.
+        let deadline = monotonic_now() + KILL_GRACE;
+        for pid in self.children.pids() {
+            loop {
+                match waitpid(pid.nix(), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) if monotonic_now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Ok(WaitStatus::StillAlive) => {
+                        let _ = kill(pid.nix(), Signal::SIGKILL);
+                        let _ = waitpid(pid.nix(), None);
+                        break;
+                    }
+                    Err(Errno::EINTR) => {}
+                    _ => break,
+                }
+            }
+        }
+        if let Some(mask) = self.root_mask.take() {
+            signals::restore(&mask);
+        }
+        let _ = BUS_PID.compare_exchange(self.owner, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// Ends a forked child without unwinding into the caller's code.
+fn exit_now(code: i32) -> ! {
+    let _ = io::stdout().flush();
+    let _ = io::stderr().flush();
+    // SAFETY: `_exit` ends the process at once. It is called only in a forked child, which
+    // must never return into the code that called `fork` nor run the parent's atexit
+    // handlers or destructors.
+    unsafe { nix::libc::_exit(code) }
+}

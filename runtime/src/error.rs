@@ -1,0 +1,383 @@
+//! Errors, one enum per concern. OS failures stay [`std::io::Error`].
+
+use std::fmt;
+use std::io;
+
+use forkbus_router::{Address, LinkId, NodeId, ProtocolError};
+
+use crate::listener::ListenerId;
+
+/// Why a send was refused. Nothing was queued anywhere.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The value could not be encoded as CBOR; the text is the encoder's.
+    Encode(String),
+    /// A link the envelope must go out on holds as much as it may. Wait for
+    /// [`Listener::on_send_ready`](crate::Listener::on_send_ready) and send again.
+    QueueFull {
+        /// The neighbour behind the full link, when known.
+        peer: Option<NodeId>,
+    },
+    /// The encoded envelope would exceed the frame limit.
+    TooLarge {
+        /// Size of the frame the envelope would need.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// Delivery receipts exist only for unicast destinations (node, pid, name).
+    ReceiptNeedsUnicast,
+    /// As many envelopes await a receipt as the configuration allows.
+    TooManyPendingReceipts {
+        /// The configured bound.
+        max: usize,
+    },
+    /// A name or group name is empty or too long.
+    InvalidName {
+        /// Its length in bytes.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The bus is draining for shutdown and takes no new envelopes.
+    ShuttingDown,
+    /// The bus behind a [`BusHandle`](crate::BusHandle) is gone.
+    Disconnected,
+    /// A [`BusHandle`](crate::BusHandle) was used in another process than its bus's (it was
+    /// copied into a forked child).
+    OtherProcess,
+    /// The channel of a [`BusHandle`](crate::BusHandle) is full
+    /// ([`try_send`](crate::BusHandle::try_send) only).
+    HandleFull,
+    /// Another refusal of the routing core.
+    Router(forkbus_router::Error),
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Encode(e) => write!(f, "cannot encode the payload: {e}"),
+            Self::QueueFull { peer: Some(p) } => write!(f, "the queue towards {p} is full"),
+            Self::QueueFull { peer: None } => f.write_str("a link queue is full"),
+            Self::TooLarge { len, max } => {
+                write!(
+                    f,
+                    "envelope of {len} bytes exceeds the frame limit of {max}"
+                )
+            }
+            Self::ReceiptNeedsUnicast => {
+                f.write_str("delivery receipts need a unicast destination")
+            }
+            Self::TooManyPendingReceipts { max } => {
+                write!(f, "{max} envelopes already await a receipt")
+            }
+            Self::InvalidName { len, max } => {
+                write!(f, "name of {len} bytes is empty or longer than {max}")
+            }
+            Self::ShuttingDown => f.write_str("the bus is shutting down"),
+            Self::Disconnected => f.write_str("the bus is gone"),
+            Self::OtherProcess => f.write_str("bus handle used in another process than its bus's"),
+            Self::HandleFull => f.write_str("the bus handle's channel is full"),
+            Self::Router(e) => write!(f, "refused by the router: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Router(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl SendError {
+    pub(crate) fn from_router(error: forkbus_router::Error, peer: Option<NodeId>) -> Self {
+        use forkbus_router::Error as E;
+        match error {
+            E::QueueFull { .. } => Self::QueueFull { peer },
+            E::PayloadTooLarge { len, max } => Self::TooLarge { len, max },
+            E::ReceiptNeedsUnicast => Self::ReceiptNeedsUnicast,
+            E::TooManyPendingReceipts { max } => Self::TooManyPendingReceipts { max },
+            E::InvalidName { len, max } => Self::InvalidName { len, max },
+            other => Self::Router(other),
+        }
+    }
+}
+
+impl From<SendError> for io::Error {
+    fn from(e: SendError) -> Self {
+        let kind = match &e {
+            SendError::QueueFull { .. } | SendError::HandleFull => io::ErrorKind::WouldBlock,
+            SendError::Disconnected => io::ErrorKind::NotConnected,
+            SendError::Encode(_) => io::ErrorKind::InvalidData,
+            _ => io::ErrorKind::Other,
+        };
+        Self::new(kind, e)
+    }
+}
+
+/// Why a fork was refused or failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ForkError {
+    /// The process has more than one thread: in a forked child only async-signal-safe calls
+    /// would be allowed, so the bus refuses. Nothing was forked.
+    Threaded {
+        /// Threads counted in `/proc/self/task`.
+        threads: usize,
+    },
+    /// The bus is draining for shutdown and forks nothing more.
+    ShuttingDown,
+    /// An OS call failed (counting threads, `socketpair`, `fork`, registering the link).
+    Io(io::Error),
+}
+
+impl fmt::Display for ForkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Threaded { threads } => {
+                write!(f, "refusing to fork a process with {threads} threads")
+            }
+            Self::ShuttingDown => f.write_str("the bus is shutting down"),
+            Self::Io(e) => write!(f, "fork failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ForkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<ForkError> for io::Error {
+    fn from(e: ForkError) -> Self {
+        match e {
+            ForkError::Io(e) => e,
+            ForkError::Threaded { .. } | ForkError::ShuttingDown => Self::other(e),
+        }
+    }
+}
+
+impl From<io::Error> for ForkError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl From<nix::errno::Errno> for ForkError {
+    fn from(e: nix::errno::Errno) -> Self {
+        Self::Io(e.into())
+    }
+}
+
+/// A payload is not the type it was decoded as.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The bytes are not well-formed CBOR.
+    Syntax {
+        /// The type asked for.
+        expected: &'static str,
+        /// Byte offset of the error.
+        offset: usize,
+    },
+    /// Well-formed CBOR, but not a value of the type asked for.
+    Mismatch {
+        /// The type asked for.
+        expected: &'static str,
+        /// What serde said.
+        detail: String,
+    },
+    /// A value of the type, followed by bytes that belong to no value.
+    TrailingBytes {
+        /// The type asked for.
+        expected: &'static str,
+        /// How many bytes were left over.
+        trailing: usize,
+    },
+    /// The value nests deeper than the decoder allows.
+    TooDeep {
+        /// The type asked for.
+        expected: &'static str,
+    },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Syntax { expected, offset } => {
+                write!(
+                    f,
+                    "payload is not a {expected}: malformed CBOR at byte {offset}"
+                )
+            }
+            Self::Mismatch { expected, detail } => {
+                write!(f, "payload is not a {expected}: {detail}")
+            }
+            Self::TrailingBytes { expected, trailing } => {
+                write!(
+                    f,
+                    "payload is a {expected} followed by {trailing} stray bytes"
+                )
+            }
+            Self::TooDeep { expected } => {
+                write!(f, "payload is not a {expected}: nested too deep")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// A name or group name was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NameError {
+    /// It is empty or longer than the configured limit.
+    Invalid {
+        /// Its length in bytes.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+}
+
+impl fmt::Display for NameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Invalid { len, max } => {
+                write!(f, "name of {len} bytes is empty or longer than {max}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NameError {}
+
+impl NameError {
+    pub(crate) fn from_router(e: forkbus_router::Error) -> Self {
+        match e {
+            forkbus_router::Error::InvalidName { len, max } => Self::Invalid { len, max },
+            _ => Self::Invalid { len: 0, max: 0 },
+        }
+    }
+}
+
+/// Something went wrong that the loop survived; handed to
+/// [`Listener::on_router_error`](crate::Listener::on_router_error).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BusError {
+    /// A peer broke the protocol (a malformed or oversized frame, ...); its link was closed,
+    /// its lost list follows in [`Listener::on_peer_shutdown`](crate::Listener::on_peer_shutdown).
+    Protocol {
+        /// The neighbour, when it had said hello.
+        peer: Option<NodeId>,
+        /// The link, now closed.
+        link: LinkId,
+        /// What it did wrong.
+        error: ProtocolError,
+    },
+    /// A link was closed because its peer stopped reading while control output piled up.
+    Overrun {
+        /// The neighbour, when known.
+        peer: Option<NodeId>,
+    },
+    /// A socket call on a link failed with something other than end of file or
+    /// `WouldBlock`; the link was closed.
+    Io {
+        /// The neighbour, when known.
+        peer: Option<NodeId>,
+        /// The call.
+        op: &'static str,
+        /// The error.
+        error: io::Error,
+    },
+    /// A listener method panicked; the other listeners and the loop went on.
+    ListenerPanicked {
+        /// The listener.
+        listener: ListenerId,
+        /// The method.
+        method: &'static str,
+        /// The panic message.
+        message: String,
+    },
+    /// A timer or descriptor callback panicked; the loop went on.
+    CallbackPanicked {
+        /// `"timer"` or `"fd"`.
+        what: &'static str,
+        /// The panic message.
+        message: String,
+    },
+    /// A send made through a [`BusHandle`](crate::BusHandle) was refused by the router.
+    HandleSend {
+        /// Where it was going.
+        to: Address,
+        /// Why it was refused.
+        error: SendError,
+    },
+    /// A runtime control frame from a neighbour could not be understood.
+    BadControl {
+        /// The neighbour.
+        peer: Option<NodeId>,
+        /// The control code.
+        code: u32,
+    },
+    /// The loop failed to register or update a descriptor in the poller.
+    Poller(io::Error),
+}
+
+impl fmt::Display for BusError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let peer =
+            |p: &Option<NodeId>| p.map_or_else(|| "an unknown peer".to_owned(), |n| n.to_string());
+        match self {
+            Self::Protocol {
+                peer: p,
+                link,
+                error,
+            } => {
+                write!(f, "link {link} to {} closed: {error}", peer(p))
+            }
+            Self::Overrun { peer: p } => {
+                write!(f, "link to {} closed: the peer does not read", peer(p))
+            }
+            Self::Io { peer: p, op, error } => {
+                write!(f, "{op} on the link to {} failed: {error}", peer(p))
+            }
+            Self::ListenerPanicked {
+                listener,
+                method,
+                message,
+            } => {
+                write!(f, "listener {listener} panicked in {method}: {message}")
+            }
+            Self::CallbackPanicked { what, message } => {
+                write!(f, "{what} callback panicked: {message}")
+            }
+            Self::HandleSend { to, error } => write!(f, "handle send to {to} refused: {error}"),
+            Self::BadControl { peer: p, code } => {
+                write!(f, "malformed control frame {code:#x} from {}", peer(p))
+            }
+            Self::Poller(e) => write!(f, "poller failure: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BusError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Protocol { error, .. } => Some(error),
+            Self::Io { error, .. } | Self::Poller(error) => Some(error),
+            Self::HandleSend { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,750 @@
+//! Real-process tests of the life of a tree: the root killed, descriptor hygiene, fork in a
+//! threaded process, a handle from another thread, and a graceful shutdown of a busy tree
+//! on `SIGTERM`.
+
+mod common;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use common::{ensure, open_fds, proc_state, run_until, Harness, Orphans, RootEnd};
+use forkbus::runtime::describe_fd;
+use forkbus::{
+    Address, Bus, BusConfig, ExitStatus, ForkError, ForkOptions, Listener, Message, Pid, Relation,
+    SendError, Stop,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid as NixPid;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Wire {
+    Hello { name: String },
+    Verdict { ok: bool, detail: String },
+    Num(u32),
+    Report,
+    Count { n: u32, in_order: bool },
+    Roster(Vec<u32>),
+}
+
+/// Records what the root hears.
+#[derive(Debug, Default)]
+struct Heard {
+    hellos: BTreeMap<String, u32>,
+    verdicts: Vec<(u32, bool, String)>,
+    counts: Vec<(u32, bool)>,
+    exits: Vec<(Pid, ExitStatus)>,
+    child_shutdowns: usize,
+    other: Vec<String>,
+}
+
+struct Ear(Rc<RefCell<Heard>>);
+
+impl Listener for Ear {
+    fn on_message(&mut self, _bus: &mut Bus, msg: &Message) {
+        let mut h = self.0.borrow_mut();
+        match msg.decode::<Wire>() {
+            Ok(Wire::Hello { name }) => {
+                h.hellos.insert(name, msg.origin().pid);
+            }
+            Ok(Wire::Verdict { ok, detail }) => h.verdicts.push((msg.origin().pid, ok, detail)),
+            Ok(Wire::Count { n, in_order }) => h.counts.push((n, in_order)),
+            Ok(other) => h.other.push(format!("{other:?}")),
+            Err(e) => h.other.push(e.to_string()),
+        }
+    }
+
+    fn on_child_exit(&mut self, _bus: &mut Bus, pid: Pid, status: ExitStatus) {
+        self.0.borrow_mut().exits.push((pid, status));
+    }
+
+    fn on_peer_shutdown(&mut self, _bus: &mut Bus, s: &forkbus::PeerShutdown) {
+        if matches!(s.relation, Relation::Child(_)) {
+            self.0.borrow_mut().child_shutdowns += 1;
+        }
+    }
+}
+
+fn root_with_ear() -> Result<(Bus, Rc<RefCell<Heard>>), String> {
+    let mut bus = Bus::root(BusConfig::default()).map_err(|e| e.to_string())?;
+    let heard = Rc::new(RefCell::new(Heard::default()));
+    bus.add_listener(0, Ear(heard.clone()));
+    Ok((bus, heard))
+}
+
+fn hello(bus: &mut Bus, root: u32, name: &str) {
+    let _ = bus.send(Address::Pid(root), &Wire::Hello { name: name.into() });
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. SIGKILL the root: every descendant is gone within 2 seconds.
+
+fn kill_root_scenario(report: &common::Reporter) -> Result<(), String> {
+    let (mut bus, heard) = root_with_ear()?;
+    let root = bus.pid().as_raw();
+    for (name, kids) in [("a", vec!["a1", "a2"]), ("b", vec!["b1"])] {
+        bus.fork(ForkOptions::named(name), move |bus| {
+            hello(bus, root, name);
+            for k in kids {
+                let _ = bus.fork(ForkOptions::named(k), move |bus| hello(bus, root, k));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        h.borrow().hellos.len() == 5
+    })?;
+    let pids: Vec<String> = heard.borrow().hellos.values().map(u32::to_string).collect();
+    report.line(&pids.join(" "));
+    // Wait to be killed.
+    let _ = bus.run();
+    Err("the root's loop ended".into())
+}
+
+fn kill_root_driver(d: &mut common::Driver) -> Result<(), String> {
+    let line = d.line()?;
+    let pids: BTreeSet<i32> = line
+        .split_whitespace()
+        .map(|p| p.parse().map_err(|_| format!("bad pid in {line:?}")))
+        .collect::<Result<_, _>>()?;
+    ensure(pids.len() == 5, || {
+        format!("expected 5 descendants, got {line:?}")
+    })?;
+    kill(d.root, Signal::SIGKILL).map_err(|e| e.to_string())?;
+    let took = d.reap_all(Duration::from_secs(10))?;
+    let reaped: BTreeSet<i32> = d.reaped.iter().map(|(p, _)| p.as_raw()).collect();
+    ensure(pids.is_subset(&reaped), || {
+        format!("descendants {pids:?} not all reaped: {reaped:?}")
+    })?;
+    ensure(took < Duration::from_secs(2), || {
+        format!("the descendants took {took:?} to go")
+    })?;
+    println!("  all 5 descendants gone {took:.2?} after the root was killed");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Descriptor hygiene.
+
+/// Checks this process's descriptors: exactly the ones it inherited before any bus
+/// (`baseline`: stdio and whatever the harness left open) plus its bus's, the bus's being
+/// one epoll, one eventfd, one timerfd, one signalfd and sockets for its links, one of them
+/// the parent link.
+fn check_fds(bus: &Bus, baseline: &BTreeSet<RawFd>, children: usize) -> Result<(), String> {
+    let d = bus.descriptors();
+    let mut expected: BTreeSet<RawFd> = baseline.clone();
+    expected.extend(d.all());
+    let actual = open_fds();
+    let describe = |set: &BTreeSet<RawFd>| -> Vec<String> {
+        set.iter()
+            .map(|fd| format!("{fd}={}", describe_fd(*fd).unwrap_or_default()))
+            .collect()
+    };
+    ensure(actual == expected, || {
+        format!(
+            "pid {}: descriptors {:?}, expected {:?}",
+            bus.pid(),
+            describe(&actual),
+            describe(&expected)
+        )
+    })?;
+    let mut kinds: Vec<String> = d
+        .poller
+        .iter()
+        .map(|fd| describe_fd(*fd).unwrap_or_default())
+        .collect();
+    kinds.sort();
+    ensure(
+        kinds
+            == [
+                "anon_inode:[eventfd]",
+                "anon_inode:[eventpoll]",
+                "anon_inode:[timerfd]",
+            ],
+        || format!("poller descriptors are {kinds:?}"),
+    )?;
+    ensure(
+        describe_fd(d.signal).as_deref() == Some("anon_inode:[signalfd]"),
+        || format!("signal descriptor is {:?}", describe_fd(d.signal)),
+    )?;
+    let parents = d
+        .links
+        .iter()
+        .filter(|(_, r)| *r == Relation::Parent)
+        .count();
+    let kids = d
+        .links
+        .iter()
+        .filter(|(_, r)| matches!(r, Relation::Child(_)))
+        .count();
+    ensure(
+        parents == 1 && kids == children && d.links.len() == 1 + children,
+        || {
+            format!(
+                "links {:?}, expected the parent and {children} children",
+                d.links
+            )
+        },
+    )?;
+    for (fd, _) in &d.links {
+        ensure(
+            describe_fd(*fd).is_some_and(|s| s.starts_with("socket:")),
+            || format!("link {fd} is {:?}", describe_fd(*fd)),
+        )?;
+    }
+    ensure(d.user.is_empty(), || "user descriptors".into())
+}
+
+fn verdict(bus: &mut Bus, root: u32, result: Result<(), String>) {
+    let (ok, detail) = match result {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, e),
+    };
+    let _ = bus.send(Address::Pid(root), &Wire::Verdict { ok, detail });
+}
+
+fn hygiene() -> Result<(), String> {
+    let baseline = open_fds();
+    let (mut bus, heard) = root_with_ear()?;
+    let root = bus.pid().as_raw();
+    // A child with two children of its own.
+    let base = baseline.clone();
+    bus.fork(ForkOptions::named("c"), move |bus| {
+        for k in ["c1", "c2"] {
+            let base = base.clone();
+            let _ = bus.fork(ForkOptions::named(k), move |bus| {
+                let r = check_fds(bus, &base, 0);
+                verdict(bus, root, r);
+            });
+        }
+        let r = check_fds(bus, &base, 2);
+        verdict(bus, root, r);
+    })
+    .map_err(|e| e.to_string())?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        h.borrow().verdicts.len() == 3
+    })?;
+    // 200 children, 25 alive at a time, each checking that it holds none of its siblings'
+    // links; then the root's descriptors are what they were.
+    let before = open_fds();
+    for batch in 0..8 {
+        for _ in 0..25 {
+            let base = baseline.clone();
+            bus.fork(ForkOptions::default(), move |bus| {
+                let r = check_fds(bus, &base, 0);
+                verdict(bus, root, r);
+                bus.stop();
+            })
+            .map_err(|e| format!("fork in batch {batch}: {e}"))?;
+        }
+        let h = heard.clone();
+        let want = 3 + 25 * (batch + 1);
+        run_until(&mut bus, Duration::from_secs(30), move |bus| {
+            h.borrow().verdicts.len() == want && bus.children().len() == 1
+        })?;
+    }
+    let after = open_fds();
+    ensure(before == after, || {
+        format!("root descriptors before {before:?}, after 200 children {after:?}")
+    })?;
+    {
+        let h = heard.borrow();
+        let bad: Vec<_> = h.verdicts.iter().filter(|v| !v.1).collect();
+        ensure(bad.is_empty(), || format!("failed checks: {bad:?}"))?;
+        ensure(h.exits.len() == 200, || {
+            format!("{} child exits", h.exits.len())
+        })?;
+        ensure(h.exits.iter().all(|(_, s)| s.success()), || {
+            format!("child exits {:?}", h.exits)
+        })?;
+    }
+    common::shutdown(bus)
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. fork in a process with a second thread returns an error and forks nothing.
+
+fn threaded_fork() -> Result<(), String> {
+    let (mut bus, heard) = root_with_ear()?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let _ = rx.recv();
+    });
+    let refused = bus.fork(ForkOptions::default(), |bus| bus.stop());
+    match refused {
+        Err(ForkError::Threaded { threads }) => {
+            ensure(threads == 2, || format!("counted {threads} threads"))?;
+        }
+        other => {
+            let _ = tx.send(());
+            let _ = thread.join();
+            return Err(format!("fork with two threads gave {other:?}"));
+        }
+    }
+    ensure(bus.children().is_empty(), || "a child was recorded".into())?;
+    // No process was forked at all: this process has no child.
+    let none = nix::sys::wait::waitpid(None::<NixPid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    ensure(none == Err(nix::errno::Errno::ECHILD), || {
+        format!("waitpid found a child: {none:?}")
+    })?;
+    let _ = tx.send(());
+    thread.join().map_err(|_| "thread panicked".to_owned())?;
+    // Once alone again, fork works.
+    let pid = bus
+        .fork(ForkOptions::default(), |bus| bus.stop())
+        .map_err(|e| format!("fork after join: {e}"))?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        !h.borrow().exits.is_empty()
+    })?;
+    ensure(heard.borrow().exits == [(pid, ExitStatus::Code(0))], || {
+        format!("exits {:?}", heard.borrow().exits)
+    })?;
+    common::shutdown(bus)
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. A handle used from another thread sends and stops the bus.
+
+struct Counter {
+    next: u32,
+    in_order: bool,
+}
+
+impl Listener for Counter {
+    fn on_message(&mut self, bus: &mut Bus, msg: &Message) {
+        match msg.decode::<Wire>() {
+            Ok(Wire::Num(i)) => {
+                self.in_order &= i == self.next;
+                self.next += 1;
+            }
+            Ok(Wire::Report) => {
+                let _ = bus.send(
+                    msg.origin(),
+                    &Wire::Count {
+                        n: self.next,
+                        in_order: self.in_order,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+struct Notify(Rc<RefCell<Heard>>, std::sync::mpsc::Sender<()>);
+
+impl Listener for Notify {
+    fn on_message(&mut self, _bus: &mut Bus, _msg: &Message) {
+        if !self.0.borrow().counts.is_empty() {
+            let _ = self.1.send(());
+        }
+    }
+}
+
+fn handle_from_thread() -> Result<(), String> {
+    let (mut bus, heard) = root_with_ear()?;
+    let root = bus.pid().as_raw();
+    let early = bus.handle();
+    let child = bus
+        .fork(ForkOptions::named("counter"), move |bus| {
+            bus.add_listener(
+                0,
+                Counter {
+                    next: 0,
+                    in_order: true,
+                },
+            );
+            // A handle copied into a child refuses: it belongs to the parent's bus.
+            let refused = matches!(
+                early.send(Address::Pid(root), &Wire::Num(0)),
+                Err(SendError::OtherProcess)
+            ) && matches!(early.stop(), Err(SendError::OtherProcess));
+            verdict(
+                bus,
+                root,
+                ensure(refused, || "copied handle did not refuse".into()),
+            );
+        })
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    bus.add_listener(1, Notify(heard.clone(), tx));
+    let handle = bus.handle();
+    let thread = std::thread::spawn(move || -> Result<(), String> {
+        for i in 0..500 {
+            handle
+                .send(child, &Wire::Num(i))
+                .map_err(|e| e.to_string())?;
+        }
+        handle
+            .send(child, &Wire::Report)
+            .map_err(|e| e.to_string())?;
+        rx.recv_timeout(Duration::from_secs(20))
+            .map_err(|_| "no count came back".to_owned())?;
+        handle.stop().map_err(|e| e.to_string())
+    });
+    let stop = bus.run().map_err(|e| e.to_string());
+    let joined = thread.join().map_err(|_| "thread panicked".to_owned())?;
+    joined?;
+    ensure(stop? == Stop::Stopped, || "the loop did not stop".into())?;
+    {
+        let h = heard.borrow();
+        ensure(h.counts == [(500, true)], || {
+            format!("counts {:?}", h.counts)
+        })?;
+        ensure(h.verdicts.len() == 1 && h.verdicts[0].1, || {
+            format!("verdicts {:?}", h.verdicts)
+        })?;
+    }
+    common::shutdown(bus)
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. SIGTERM to the root of a busy tree.
+
+/// Sends a few envelopes to random members of the roster every millisecond until the
+/// tree shuts down.
+fn chatter(bus: &mut Bus, roster: Rc<RefCell<Vec<u32>>>, mut seed: u64) {
+    bus.add_timer(Duration::from_millis(1), move |bus| {
+        if bus.is_stopping() {
+            return;
+        }
+        let pids = roster.borrow().clone();
+        if !pids.is_empty() {
+            for _ in 0..5 {
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let to = pids[(seed >> 33) as usize % pids.len()];
+                match bus.send(Address::Pid(to), &Wire::Num((seed >> 40) as u32)) {
+                    Ok(_) | Err(SendError::QueueFull { .. } | SendError::ShuttingDown) => {}
+                    Err(e) => eprintln!("{}: chatter send: {e}", bus.pid()),
+                }
+            }
+        }
+        chatter(bus, roster, seed);
+    });
+}
+
+/// A node of the busy tree: learns the roster, chatters, and exits non-zero if one of its
+/// children did not exit 0.
+struct Busy(Rc<RefCell<Vec<u32>>>);
+
+impl Listener for Busy {
+    fn on_message(&mut self, _bus: &mut Bus, msg: &Message) {
+        if let Ok(Wire::Roster(pids)) = msg.decode::<Wire>() {
+            *self.0.borrow_mut() = pids;
+        }
+    }
+
+    fn on_child_exit(&mut self, bus: &mut Bus, pid: Pid, status: ExitStatus) {
+        if !status.success() {
+            eprintln!("{}: child {pid} {status}", bus.pid());
+            bus.set_exit_code(3);
+        }
+    }
+}
+
+fn busy_node(bus: &mut Bus, root: u32, name: &str) {
+    let roster = Rc::new(RefCell::new(Vec::new()));
+    bus.add_listener(0, Busy(roster.clone()));
+    chatter(bus, roster, u64::from(bus.pid().as_raw()));
+    hello(bus, root, name);
+}
+
+fn sigterm_scenario(report: &common::Reporter) -> Result<(), String> {
+    let (mut bus, heard) = root_with_ear()?;
+    let root = bus.pid().as_raw();
+    for (name, kids) in [("a", ["a1", "a2"]), ("b", ["b1", "b2"])] {
+        bus.fork(ForkOptions::named(name), move |bus| {
+            busy_node(bus, root, name);
+            for k in kids {
+                let _ = bus.fork(ForkOptions::named(k), move |bus| busy_node(bus, root, k));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        h.borrow().hellos.len() == 6
+    })?;
+    let mut pids: Vec<u32> = heard.borrow().hellos.values().copied().collect();
+    pids.push(root);
+    for p in &pids {
+        if *p != root {
+            bus.send(Address::Pid(*p), &Wire::Roster(pids.clone()))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let roster = Rc::new(RefCell::new(pids));
+    chatter(&mut bus, roster, 7);
+    // Let it get busy, then tell the driver.
+    let start = std::time::Instant::now();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        start.elapsed() > Duration::from_millis(500)
+    })?;
+    report.line("busy");
+    let stop = bus.run().map_err(|e| e.to_string())?;
+    let Stop::Shutdown(tally) = stop else {
+        return Err(format!("the loop ended with {stop:?}"));
+    };
+    println!("  tally: {tally:?}");
+    ensure(tally.processes == 7 && tally.unreported == 0, || {
+        format!("tally {tally:?}")
+    })?;
+    ensure(tally.sent > 1000, || format!("not busy: {tally:?}"))?;
+    ensure(tally.balanced(), || {
+        format!(
+            "sent {} != delivered {} + lost {}: {tally:?}",
+            tally.sent, tally.delivered, tally.lost
+        )
+    })?;
+    ensure(bus.children().is_empty(), || "children left".into())?;
+    let h = heard.borrow();
+    ensure(
+        h.exits.len() == 2 && h.exits.iter().all(|(_, s)| s.success()),
+        || format!("child exits {:?}", h.exits),
+    )?;
+    Ok(())
+}
+
+fn sigterm_driver(d: &mut common::Driver) -> Result<(), String> {
+    let line = d.line()?;
+    ensure(line == "busy", || format!("unexpected report {line:?}"))?;
+    kill(d.root, Signal::SIGTERM).map_err(|e| e.to_string())?;
+    // The harness checks the root exits 0, reaped everything itself, and no zombie is left.
+    let _ = proc_state(d.root.as_raw().unsigned_abs());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The loop's own sources: listener order and panics, timers, registered descriptors.
+
+struct Recorder {
+    name: &'static str,
+    log: Rc<RefCell<Vec<String>>>,
+    panic: bool,
+}
+
+impl Listener for Recorder {
+    fn on_message(&mut self, _bus: &mut Bus, _msg: &Message) {
+        self.log.borrow_mut().push(format!("{}:message", self.name));
+        if self.panic {
+            panic!("listener {} panics on purpose", self.name);
+        }
+    }
+
+    fn on_router_error(&mut self, _bus: &mut Bus, error: &forkbus::BusError) {
+        if matches!(error, forkbus::BusError::ListenerPanicked { .. }) {
+            self.log.borrow_mut().push(format!("{}:error", self.name));
+        }
+    }
+}
+
+fn loop_sources() -> Result<(), String> {
+    // One line for the panic on purpose, not a backtrace.
+    std::panic::set_hook(Box::new(|info| eprintln!("  (expected) {info}")));
+    let mut bus = Bus::root(BusConfig::default()).map_err(|e| e.to_string())?;
+    let log = Rc::new(RefCell::new(Vec::new()));
+    for (priority, name, panic) in [
+        (5, "e", false),
+        (-1, "a", false),
+        (0, "b", true),
+        (5, "f", false),
+        (0, "c", false),
+    ] {
+        bus.add_listener(
+            priority,
+            Recorder {
+                name,
+                log: log.clone(),
+                panic,
+            },
+        );
+    }
+    let me = bus.pid();
+    bus.send(me, &Wire::Report).map_err(|e| e.to_string())?;
+    let l = log.clone();
+    run_until(&mut bus, Duration::from_secs(10), move |_| {
+        l.borrow().len() >= 9
+    })?;
+    let got = log.borrow().clone();
+    ensure(
+        got == [
+            "a:message",
+            "b:message",
+            "c:message",
+            "e:message",
+            "f:message",
+            "a:error",
+            "c:error",
+            "e:error",
+            "f:error",
+        ],
+        || format!("listener calls {got:?}"),
+    )?;
+    // Timers fire in deadline order, a cancelled one never; a registered pipe's callback
+    // reads what a timer wrote.
+    let fired = Rc::new(RefCell::new(Vec::new()));
+    for (ms, tag) in [(30, 3), (10, 1), (20, 2)] {
+        let f = fired.clone();
+        bus.add_timer(Duration::from_millis(ms), move |_| f.borrow_mut().push(tag));
+    }
+    let f = fired.clone();
+    let cancelled = bus.add_timer(Duration::from_millis(15), move |_| f.borrow_mut().push(99));
+    ensure(bus.cancel_timer(cancelled), || "cancel failed".into())?;
+    ensure(!bus.cancel_timer(cancelled), || "cancelled twice".into())?;
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+    let read_back = Rc::new(RefCell::new(Vec::new()));
+    let r = read_back.clone();
+    let id = bus
+        .add_fd(rd, forkbus::Interest::READABLE, move |bus, ready| {
+            let mut buf = [0u8; 64];
+            if let Some(fd) = bus.fd(ready.id) {
+                if let Ok(n) = nix::unistd::read(fd, &mut buf) {
+                    r.borrow_mut().extend_from_slice(&buf[..n]);
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let fds_with_pipe = bus.descriptors().user.len();
+    bus.add_timer(Duration::from_millis(25), move |_| {
+        let _ = nix::unistd::write(&wr, b"ping");
+    });
+    let (f, r) = (fired.clone(), read_back.clone());
+    run_until(&mut bus, Duration::from_secs(10), move |_| {
+        f.borrow().len() == 3 && r.borrow().len() == 4
+    })?;
+    ensure(*fired.borrow() == [1, 2, 3], || {
+        format!("timers fired {:?}", fired.borrow())
+    })?;
+    ensure(read_back.borrow().as_slice() == b"ping", || {
+        "pipe not read".into()
+    })?;
+    ensure(fds_with_pipe == 1, || "pipe not registered".into())?;
+    let back = bus.remove_fd(id).ok_or("remove_fd")?;
+    drop(back);
+    ensure(
+        bus.descriptors().user.is_empty() && bus.remove_fd(id).is_none(),
+        || "descriptor still registered".into(),
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// A child whose closure panics exits non-zero and never returns into the caller.
+
+fn child_panics() -> Result<(), String> {
+    std::panic::set_hook(Box::new(|info| eprintln!("  (expected) {info}")));
+    let (mut bus, heard) = root_with_ear()?;
+    let returned = Rc::new(RefCell::new(false));
+    let pid = bus
+        .fork(ForkOptions::default(), |_| {
+            panic!("the child's closure panics on purpose")
+        })
+        .map_err(|e| e.to_string())?;
+    // Only the parent gets here.
+    *returned.borrow_mut() = true;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        !h.borrow().exits.is_empty()
+    })?;
+    ensure(
+        heard.borrow().exits == [(pid, ExitStatus::Code(forkbus::runtime::EXIT_PANIC))],
+        || format!("exits {:?}", heard.borrow().exits),
+    )?;
+    ensure(
+        *returned.borrow() && heard.borrow().child_shutdowns == 1,
+        || "wrong events".into(),
+    )?;
+    common::shutdown(bus)
+}
+
+// ---------------------------------------------------------------------------------------
+// SIGINT to the root shuts the tree down too.
+
+fn sigint_scenario(report: &common::Reporter) -> Result<(), String> {
+    let (mut bus, heard) = root_with_ear()?;
+    let root = bus.pid().as_raw();
+    bus.fork(ForkOptions::named("a"), move |bus| {
+        hello(bus, root, "a");
+        let _ = bus.fork(ForkOptions::named("a1"), move |bus| hello(bus, root, "a1"));
+    })
+    .map_err(|e| e.to_string())?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        h.borrow().hellos.len() == 2
+    })?;
+    report.line("ready");
+    match bus.run().map_err(|e| e.to_string())? {
+        Stop::Shutdown(t) => ensure(t.processes == 3 && t.unreported == 0, || {
+            format!("tally {t:?}")
+        })?,
+        other => return Err(format!("the loop ended with {other:?}")),
+    }
+    let h = heard.borrow();
+    ensure(h.exits.len() == 1 && h.exits[0].1.success(), || {
+        format!("exits {:?}", h.exits)
+    })
+}
+
+fn sigint_driver(d: &mut common::Driver) -> Result<(), String> {
+    let line = d.line()?;
+    ensure(line == "ready", || format!("unexpected report {line:?}"))?;
+    kill(d.root, Signal::SIGINT).map_err(|e| e.to_string())
+}
+
+fn main() {
+    let mut h = Harness::new();
+    h.run_with(
+        "4_sigkill_root",
+        Duration::from_secs(60),
+        RootEnd::Any,
+        Orphans::Any,
+        kill_root_scenario,
+        kill_root_driver,
+    );
+    h.run("6_descriptor_hygiene", Duration::from_secs(120), hygiene);
+    h.run(
+        "7_fork_refused_with_threads",
+        Duration::from_secs(60),
+        threaded_fork,
+    );
+    h.run(
+        "8_handle_from_thread",
+        Duration::from_secs(60),
+        handle_from_thread,
+    );
+    h.run(
+        "listeners_timers_fds",
+        Duration::from_secs(60),
+        loop_sources,
+    );
+    h.run(
+        "child_closure_panics",
+        Duration::from_secs(60),
+        child_panics,
+    );
+    h.run_with(
+        "sigint_root",
+        Duration::from_secs(60),
+        RootEnd::Success,
+        Orphans::None,
+        sigint_scenario,
+        sigint_driver,
+    );
+    h.run_with(
+        "10_sigterm_busy_tree",
+        Duration::from_secs(120),
+        RootEnd::Success,
+        Orphans::None,
+        sigterm_scenario,
+        sigterm_driver,
+    );
+    h.finish()
+}
