@@ -1,6 +1,7 @@
 //! Process helpers for the benchmarks: fork with a closure, reap, pin, measure memory.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,14 +50,18 @@ impl Drop for Child {
     }
 }
 
-/// Forks; the child runs `f`, which returns its exit code, and never returns here. The child
-/// dies with its parent.
-pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> io::Result<Child> {
+/// Forks; the child closes `close` (the parent's ends of its sockets: a child holding the
+/// other end of its own socket would never see end of file), runs `f`, which returns its
+/// exit code, and never returns here. The child dies with its parent.
+pub(crate) fn fork_child(close: &[RawFd], f: impl FnOnce() -> i32) -> io::Result<Child> {
     let parent = std::process::id();
     // SAFETY: the benchmark is single-threaded when it forks (no thread is ever started),
     // so the child may run ordinary code.
     match unsafe { fork() }? {
-        ForkResult::Parent { child } => Ok(Child { pid: child, reaped: false }),
+        ForkResult::Parent { child } => Ok(Child {
+            pid: child,
+            reaped: false,
+        }),
         ForkResult::Child => {
             // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number; getppid checks the
             // race with a parent that died before the call.
@@ -65,6 +70,9 @@ pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> io::Result<Child> {
                 if libc::getppid() as u32 != parent {
                     libc::_exit(1);
                 }
+            }
+            for &fd in close {
+                let _ = nix::unistd::close(fd);
             }
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
             // SAFETY: leaves at once without running the parent's exit handlers.

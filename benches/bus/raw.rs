@@ -3,7 +3,7 @@
 //! in the same run.
 
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,7 @@ fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
 pub(crate) fn round_trip(hops: usize, rounds: usize, warmup: usize) -> io::Result<Samples> {
     assert!(hops >= 1);
     let (mut near, far) = pair()?;
-    let child = fork_child(move || relay_chain(far, hops - 1))?;
+    let child = fork_child(&[near.as_raw_fd()], move || relay_chain(far, hops - 1))?;
     let payload = [7u8; 64];
     let mut buf = Vec::with_capacity(64);
     let mut samples = Samples::with_capacity(rounds);
@@ -74,7 +74,9 @@ fn relay_chain(mut up: UnixStream, below: usize) -> i32 {
             }
         }
         let (mut down, far) = pair()?;
-        let child = fork_child(move || relay_chain(far, below - 1))?;
+        let child = fork_child(&[down.as_raw_fd(), up.as_raw_fd()], move || {
+            relay_chain(far, below - 1)
+        })?;
         loop {
             match read_frame(&mut up, &mut buf) {
                 Ok(()) => {}
@@ -96,7 +98,7 @@ fn relay_chain(mut up: UnixStream, below: usize) -> i32 {
 /// elapsed time from the first write until the reader has counted every frame.
 pub(crate) fn throughput(size: usize, count: usize) -> io::Result<Duration> {
     let (mut tx, mut rx) = pair()?;
-    let child = fork_child(move || {
+    let child = fork_child(&[tx.as_raw_fd()], move || {
         let r = (|| -> io::Result<()> {
             let mut buf = vec![0u8; 256 << 10];
             let (mut have, mut seen) = (0usize, 0usize);
@@ -115,9 +117,9 @@ pub(crate) fn throughput(size: usize, count: usize) -> io::Result<Duration> {
                         header.extend_from_slice(&buf[at..at + take]);
                         at += take;
                         if header.len() == 4 {
-                            frame_left = u32::from_be_bytes([
-                                header[0], header[1], header[2], header[3],
-                            ]) as usize;
+                            frame_left =
+                                u32::from_be_bytes([header[0], header[1], header[2], header[3]])
+                                    as usize;
                             header.clear();
                         }
                     } else {
@@ -172,8 +174,9 @@ pub(crate) fn broadcast(n: usize, rounds: usize) -> io::Result<Samples> {
         if c < n {
             let (down, up) = pair()?;
             let st = stamps.clone();
-            children.push(fork_child(move || flood_node(up, c, n, st))?);
             downs.push(down);
+            let close: Vec<RawFd> = downs.iter().map(AsRawFd::as_raw_fd).collect();
+            children.push(fork_child(&close, move || flood_node(up, c, n, st))?);
         }
     }
     let mut samples = Samples::with_capacity(rounds);
@@ -208,8 +211,10 @@ fn flood_node(mut up: UnixStream, me: usize, n: usize, stamps: SharedStamps) -> 
             if c < n {
                 let (down, child_up) = pair()?;
                 let st = stamps.clone();
-                children.push(fork_child(move || flood_node(child_up, c, n, st))?);
                 downs.push(down);
+                let mut close: Vec<RawFd> = downs.iter().map(AsRawFd::as_raw_fd).collect();
+                close.push(up.as_raw_fd());
+                children.push(fork_child(&close, move || flood_node(child_up, c, n, st))?);
             }
         }
         let mut buf = Vec::with_capacity(8);
@@ -243,7 +248,7 @@ fn flood_node(mut up: UnixStream, me: usize, n: usize, stamps: SharedStamps) -> 
 pub(crate) fn idle_child() -> io::Result<(Duration, Child, UnixStream)> {
     let (mut near, mut far) = pair()?;
     let t = Instant::now();
-    let child = fork_child(move || {
+    let child = fork_child(&[near.as_raw_fd()], move || {
         let r = far.write_all(&[1]).and_then(|()| {
             let mut b = [0u8; 1];
             far.read(&mut b).map(|_| ())

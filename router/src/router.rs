@@ -462,6 +462,54 @@ impl Router {
     /// knows its child the moment fork returns: its route is usable at once). Queues this
     /// node's hello and its routing table for the peer.
     pub fn handle_link_up(&mut self, _now: Timestamp, peer: Option<NodeId>) -> LinkId {
+        let link = self.open_link(peer);
+        self.greet(link);
+        if let Some(p) = peer {
+            self.neighbour(link, p);
+        }
+        self.flush_overruns();
+        link
+    }
+
+    /// The parent's side of a fork: a link to `child`, whose router was made from this
+    /// router's copy by [`forked_child`](Self::forked_child) and therefore already knows
+    /// this node and its whole routing table, so neither is sent. The child's route is
+    /// usable at once and announced to the rest of the tree.
+    pub fn handle_fork(&mut self, _now: Timestamp, child: NodeId) -> LinkId {
+        let link = self.open_link(Some(child));
+        self.neighbour(link, child);
+        self.flush_overruns();
+        link
+    }
+
+    /// The child's side of a fork, called on the child's copy of its parent's router: a
+    /// fresh router for `me` with one link, to the parent, that knows from the start every
+    /// node, name and group the parent knew when it forked (so the child's first sends have
+    /// routes). Pair it with [`handle_fork`](Self::handle_fork) in the parent. Nothing of
+    /// the parent's queues, links, receipts or seen windows is carried over.
+    pub fn forked_child(
+        &self,
+        now: Timestamp,
+        me: NodeId,
+        config: RouterConfig,
+    ) -> Result<(Self, LinkId), Error> {
+        let mut child = Self::new(me, config)?;
+        let parent = self.me;
+        let link = child.handle_link_up(now, Some(parent));
+        if let Some(l) = child.links.get_mut(link.index()) {
+            // The parent's hello is implied by the fork itself.
+            l.hello = true;
+        }
+        let known = self.table.dump(None);
+        for info in &known.upsert {
+            if info.node != me && child.table.upsert(info, link) == Applied::Refused {
+                child.stats.routes_refused += 1;
+            }
+        }
+        Ok((child, link))
+    }
+
+    fn open_link(&mut self, peer: Option<NodeId>) -> LinkId {
         let entry = self.links.vacant_entry();
         let index = entry.key();
         if self.generations.len() <= index {
@@ -470,9 +518,12 @@ impl Router {
         let generation = self.generations[index];
         entry.insert(Link::new(generation, peer, self.config.max_frame));
         let link = Self::link_id(index, generation);
-        let span = tracing::debug_span!("link", link = %link, me = %self.me);
-        let _enter = span.enter();
-        tracing::debug!(peer = ?peer, "link up");
+        tracing::debug!(link = %link, me = %self.me, peer = ?peer, "link up");
+        link
+    }
+
+    /// Queues this node's hello and its routing table for a new neighbour.
+    fn greet(&mut self, link: LinkId) {
         self.push_frame(
             link,
             &Frame::Hello(Hello {
@@ -480,13 +531,8 @@ impl Router {
                 node: self.me,
             }),
         );
-        let dump = self.table.dump(link);
+        let dump = self.table.dump(Some(link));
         self.push_frame(link, &Frame::Routes(dump));
-        if let Some(p) = peer {
-            self.neighbour(link, p);
-        }
-        self.flush_overruns();
-        link
     }
 
     /// Bytes arrived on a link, split anywhere. On a protocol error the link is closed here

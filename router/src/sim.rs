@@ -104,6 +104,15 @@ struct Lane {
     reading: bool,
 }
 
+impl Lane {
+    fn reading() -> Self {
+        Self {
+            reading: true,
+            ..Self::default()
+        }
+    }
+}
+
 /// A simulated socketpair between two nodes.
 #[derive(Debug)]
 pub struct Wire {
@@ -167,24 +176,42 @@ impl Sim {
 
     /// Adds a node with no links (a root).
     pub fn add_root(&mut self) -> Result<usize, Error> {
-        self.add_node(None)
+        self.add_node()
     }
 
-    /// Forks a child of `parent`: both ends know each other from the start, as after fork.
+    /// Forks a child of `parent` the way the runtime does ([`Router::handle_fork`] and
+    /// [`Router::forked_child`]): the child knows its parent's whole table from the start.
     pub fn add_child(&mut self, parent: usize) -> Result<usize, Error> {
-        let child = self.add_node(Some(parent))?;
-        self.connect(parent, child);
-        Ok(child)
+        let idx = self.nodes.len();
+        let me = Self::node_id(idx);
+        let now = self.now;
+        let (router, lc) =
+            self.nodes[parent]
+                .router
+                .forked_child(now, me, self.config.router.clone())?;
+        let lp = self.nodes[parent].router.handle_fork(now, me);
+        self.nodes.push(SimNode {
+            router,
+            alive: true,
+            events: Vec::new(),
+            parent: Some(parent),
+        });
+        self.wires.push(Wire {
+            ends: [(parent, lp), (idx, lc)],
+            cut: false,
+            lanes: [Lane::reading(), Lane::reading()],
+        });
+        Ok(idx)
     }
 
-    fn add_node(&mut self, parent: Option<usize>) -> Result<usize, Error> {
+    fn add_node(&mut self) -> Result<usize, Error> {
         let idx = self.nodes.len();
         let router = Router::new(Self::node_id(idx), self.config.router.clone())?;
         self.nodes.push(SimNode {
             router,
             alive: true,
             events: Vec::new(),
-            parent,
+            parent: None,
         });
         Ok(idx)
     }
@@ -199,16 +226,7 @@ impl Sim {
         self.wires.push(Wire {
             ends: [(a, la), (b, lb)],
             cut: false,
-            lanes: [
-                Lane {
-                    reading: true,
-                    ..Lane::default()
-                },
-                Lane {
-                    reading: true,
-                    ..Lane::default()
-                },
-            ],
+            lanes: [Lane::reading(), Lane::reading()],
         });
         self.wires.len() - 1
     }

@@ -145,12 +145,12 @@ impl RouteTable {
 
     /// Everything this node can tell a new neighbour: itself and every node not behind
     /// `except` (the neighbour's own link).
-    pub(crate) fn dump(&self, except: LinkId) -> RouteUpdate {
+    pub(crate) fn dump(&self, except: Option<LinkId>) -> RouteUpdate {
         let mut upsert = vec![self.me_info()];
         let mut others: Vec<NodeInfo> = self
             .nodes
             .iter()
-            .filter(|(_, e)| e.link != except)
+            .filter(|(_, e)| Some(e.link) != except)
             .map(|(n, e)| self.info(*n, e))
             .collect();
         others.sort_unstable_by_key(|i| i.node);
@@ -570,7 +570,7 @@ mod tests {
         t.add_my_name("me");
         t.upsert(&info(n(2), &[], &[]), l(0));
         t.upsert(&info(n(3), &[], &[]), l(1));
-        let d = t.dump(l(0));
+        let d = t.dump(Some(l(0)));
         let nodes: Vec<NodeId> = d.upsert.iter().map(|i| i.node).collect();
         assert_eq!(nodes, vec![n(1), n(3)]);
         assert_eq!(d.upsert[0].names, vec!["me".to_string()]);

@@ -758,3 +758,45 @@ fn a_peer_that_never_reads_is_cut_off() {
     assert_eq!(down.cause, DownCause::Overrun);
     assert!(r.links().is_empty());
 }
+
+/// A forked child routes to every node its parent knew before a byte has moved, and the
+/// rest of the tree learns of it.
+#[test]
+fn a_forked_child_routes_at_once() {
+    let mut sim = Sim::new(config(21));
+    random_tree(&mut sim, 20, 21);
+    for i in 0..20 {
+        sim.nodes[i]
+            .router
+            .register_name(&format!("w{i}"))
+            .expect("valid name");
+    }
+    sim.run_until_idle().expect("settles");
+    let child = sim.add_child(13).expect("valid config");
+    let ids: Vec<MessageId> = (0..20)
+        .map(|to| {
+            let addr: Address = if to % 2 == 0 {
+                Address::Pid(Sim::node_id(to).pid)
+            } else {
+                Destination::Name(format!("w{to}")).into()
+            };
+            sim.send(child, addr, vec![1], opts(true, false))
+                .expect("room")
+        })
+        .collect();
+    assert!(
+        !sim.nodes[child]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Lost(_))),
+        "no route before the first byte moved"
+    );
+    sim.run_until_idle().expect("settles");
+    for id in &ids {
+        assert!(sim.nodes[child].events.contains(&Event::Delivered(*id)));
+    }
+    let expected = expected_routes(&sim);
+    for i in 0..sim.nodes.len() {
+        assert_eq!(sim.nodes[i].router.routes(), expected[i], "node {i}");
+    }
+}

@@ -281,7 +281,10 @@ impl Bus {
         };
         let me = NodeId::new(config.host, pid, nonce(0));
         let name = config.name.clone();
-        match Self::build(config, me) {
+        let built = Router::new(me, config.router.clone())
+            .map_err(io::Error::from)
+            .and_then(|router| Self::build(config, router));
+        match built {
             Ok(mut bus) => {
                 bus.root_mask = Some(old_mask);
                 if let Some(name) = name {
@@ -297,8 +300,8 @@ impl Bus {
         }
     }
 
-    fn build(config: BusConfig, me: NodeId) -> io::Result<Self> {
-        let router = Router::new(me, config.router.clone()).map_err(io::Error::from)?;
+    fn build(config: BusConfig, router: Router) -> io::Result<Self> {
+        let me = router.node();
         let mut reactor = Reactor::new(config.events_capacity)?;
         let signal_key =
             reactor.insert(Source::Signal(signals::signalfd()?), Interest::READABLE)?;
@@ -642,13 +645,24 @@ impl Bus {
         relation: Relation,
     ) -> io::Result<LinkId> {
         let now = self.now();
-        let link = self.router.handle_link_up(now, peer);
-        if let Relation::Child(_) = relation {
-            // The child took these first bytes (hello and routing table) from its copy of
-            // this router at fork time (see `seed_from_parent`): skip them here.
-            let n = self.router.pending_output(link).map_or(0, <[u8]>::len);
-            let _ = self.router.advance_output(link, n);
-        }
+        let link = match (relation, peer) {
+            // The child's router was made from this router's copy at fork time: it knows
+            // this node and its table already (`Router::forked_child`).
+            (Relation::Child(_), Some(child)) => self.router.handle_fork(now, child),
+            _ => self.router.handle_link_up(now, peer),
+        };
+        self.register_link(fd, link, peer, relation)
+    }
+
+    /// Registers the descriptor of a link the router has opened.
+    fn register_link(
+        &mut self,
+        fd: OwnedFd,
+        link: LinkId,
+        peer: Option<NodeId>,
+        relation: Relation,
+    ) -> io::Result<LinkId> {
+        let now = self.now();
         let span = tracing::debug_span!(
             parent: &self.span, "link", %link, peer = ?peer, relation = ?relation
         );
@@ -770,13 +784,19 @@ impl Bus {
         let config = self.config.clone();
         let pid = std::process::id();
         let me = NodeId::new(config.host, pid, incarnation);
-        let seed = self.seed_from_parent(me);
+        // The child's router knows the parent's whole table from the start, so its first
+        // sends have routes; the parent sends it nothing it knows already.
+        let now = self.now();
+        let forked = self.router.forked_child(now, me, config.router.clone());
         BUS_PID.store(pid, Ordering::SeqCst);
         // Close every descriptor of the parent's bus before opening ours, so no number is
         // closed twice.
         self.reactor.abandon();
-        let code = match Self::build(config, me) {
-            Ok(fresh) => {
+        let built = forked
+            .map_err(io::Error::from)
+            .and_then(|(router, link)| Self::build(config, router).map(|bus| (bus, link)));
+        let code = match built {
+            Ok((fresh, link)) => {
                 let inherited = std::mem::replace(self, fresh);
                 // The parent's router, listeners, timers, queues and children: its memory,
                 // its destructors.
@@ -785,17 +805,12 @@ impl Bus {
                     node: parent_node,
                     link: None,
                 });
-                match self.add_link(link_fd, Some(parent_node), Relation::Parent) {
+                match self.register_link(link_fd, link, Some(parent_node), Relation::Parent) {
                     Ok(link) => {
                         self.parent = Some(ParentInfo {
                             node: parent_node,
                             link: Some(link),
                         });
-                        let now = self.now();
-                        if let Err(e) = self.router.handle_input(now, link, &seed) {
-                            tracing::error!(parent: &self.span, error = %e, "the parent's routing table does not decode");
-                            exit_now(EXIT_OS_ERROR);
-                        }
                         if let Some(name) = &options.name {
                             if let Err(e) = self.register_name(name) {
                                 tracing::error!(parent: &self.span, error = %e, "cannot register the child's name");
@@ -815,22 +830,6 @@ impl Bus {
             }
         };
         exit_now(code)
-    }
-
-    /// In a forked child: the first bytes the parent will queue on its link to this child
-    /// (its hello and its whole routing table), computed from the child's copy of the
-    /// parent's router by making the very call the parent makes right after `fork`. The
-    /// router is deterministic, so the bytes are the parent's to the byte; the child feeds
-    /// them to its own router before running its closure, so it can route to every node the
-    /// parent knew at once, and the parent skips writing them. (A stopgap for a router API
-    /// that would seed a child's table from its parent's.)
-    fn seed_from_parent(&mut self, me: NodeId) -> Vec<u8> {
-        let now = self.now();
-        let link = self.router.handle_link_up(now, Some(me));
-        self.router
-            .pending_output(link)
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default()
     }
 
     fn run_child<F: FnOnce(&mut Self)>(&mut self, child: F) -> i32 {
