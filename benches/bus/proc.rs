@@ -4,7 +4,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::rc::Rc;
 
 use nix::libc;
 use nix::sys::signal::{kill, Signal};
@@ -123,7 +123,7 @@ pub(crate) fn rss_pss_kib(pid: Pid) -> io::Result<(u64, u64)> {
 /// Timestamps in shared anonymous memory, one slot per process of a tree.
 #[derive(Clone, Debug)]
 pub(crate) struct SharedStamps {
-    map: Arc<Mapping>,
+    map: Rc<Mapping>,
     n: usize,
 }
 
@@ -156,7 +156,7 @@ impl SharedStamps {
             )
         }?;
         Ok(Self {
-            map: Arc::new(Mapping {
+            map: Rc::new(Mapping {
                 ptr: ptr.cast(),
                 len: len.get(),
             }),

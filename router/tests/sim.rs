@@ -796,7 +796,7 @@ fn a_forked_child_routes_at_once() {
         assert!(sim.nodes[child].events.contains(&Event::Delivered(*id)));
     }
     let expected = expected_routes(&sim);
-    for i in 0..sim.nodes.len() {
-        assert_eq!(sim.nodes[i].router.routes(), expected[i], "node {i}");
+    for (i, (node, want)) in sim.nodes.iter().zip(&expected).enumerate() {
+        assert_eq!(&node.router.routes(), want, "node {i}");
     }
 }
