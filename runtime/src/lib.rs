@@ -3,3 +3,4 @@
 //!
 //! Its work is tracked by its own issue; this crate holds only what the workspace needs.
 pub mod identity;
+pub mod shm;
