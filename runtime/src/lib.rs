@@ -2,5 +2,6 @@
 //! process over a slab of peer sockets, driving a [`forkbus_router::Router`].
 //!
 //! Its work is tracked by its own issue; this crate holds only what the workspace needs.
+pub mod daemon;
 pub mod identity;
 pub mod shm;
