@@ -58,11 +58,14 @@ mod bus;
 mod child;
 mod clock;
 mod control;
+pub mod daemon;
 mod error;
 mod handle;
+pub mod identity;
 mod listener;
 mod message;
 mod reactor;
+pub mod shm;
 mod signals;
 mod timer;
 
