@@ -28,7 +28,11 @@ impl SeenWindow {
     pub const SPAN: u64 = 128;
 
     /// Records `seq`; returns `false` when it was seen before (or is too old to tell).
+    /// `u64::MAX` is never a valid sequence number (the wire refuses it) and is refused here.
     pub fn insert(&mut self, seq: u64) -> bool {
+        if seq == u64::MAX {
+            return false;
+        }
         if seq >= self.top {
             let shift = seq - self.top + 1;
             self.bits = if shift >= Self::SPAN {
@@ -156,6 +160,7 @@ mod tests {
         assert!(w.insert(SeenWindow::SPAN + 299));
         assert!(w.insert(u64::MAX - 1));
         assert!(!w.insert(u64::MAX - 1));
+        assert!(!w.insert(u64::MAX), "never valid, never a panic");
     }
 
     #[test]

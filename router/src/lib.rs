@@ -27,6 +27,13 @@
 //!   gets exactly one outcome per envelope.
 //! - Queues, windows and tables are bounded whatever peers send; a malformed frame closes
 //!   one link and nothing else.
+//!
+//! # Trust
+//!
+//! Bytes from a peer are untrusted: nothing a peer sends can make a router panic, allocate
+//! without bound, or close another link. The nodes of one tree are trusted to tell the
+//! truth, though: a peer that forges well-formed receipts or loss notices can mislead an
+//! origin about an envelope's fate (it cannot make it report an envelope it never sent).
 
 mod dedup;
 mod error;

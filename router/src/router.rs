@@ -27,7 +27,8 @@ pub enum NoRoutePolicy {
     Report,
     /// Flood it to every link but the one it came on, at most this many hops in all. A flood
     /// that finds no taker is counted in [`RouterStats::flood_dead_ends`]; its origin learns
-    /// of it only through a receipt's timeout.
+    /// of it only through a receipt's timeout, so this policy needs
+    /// [`RouterConfig::receipt_timeout`].
     Flood {
         /// Hop limit of flooded envelopes.
         hop_limit: u8,
@@ -99,6 +100,12 @@ impl RouterConfig {
         if self.max_queue_envelopes == 0 || self.ack_every == 0 {
             return Err(Error::InvalidConfig(
                 "max_queue_envelopes and ack_every must be positive",
+            ));
+        }
+        if matches!(self.no_route, NoRoutePolicy::Flood { .. }) && self.receipt_timeout.is_none() {
+            // A flood that finds no taker says nothing: only the timeout ends its receipt.
+            return Err(Error::InvalidConfig(
+                "flooding unroutable envelopes needs a receipt_timeout",
             ));
         }
         if self.max_name == 0 || self.max_name + 64 > self.max_frame as usize {
@@ -288,7 +295,9 @@ impl Link {
 /// A pending receipt.
 #[derive(Clone, Copy, Debug)]
 struct PendingReceipt {
-    dest: NodeId,
+    /// The node it went to; `None` when it was flooded for want of a route (only a receipt
+    /// or the timeout can end it).
+    dest: Option<NodeId>,
     deadline: Option<Timestamp>,
 }
 
@@ -758,7 +767,7 @@ impl Router {
             };
             if plan.deliver {
                 self.events.push_back(Event::Delivered(id));
-            } else if let Some(dest) = dest {
+            } else {
                 let deadline = self.config.receipt_timeout.map(|t| now + t);
                 if let Some(d) = deadline {
                     self.deadlines.insert((d, id.seq));
@@ -1341,7 +1350,7 @@ impl Router {
         let mut waiting: Vec<u64> = self
             .receipts
             .iter()
-            .filter(|(_, p)| p.dest == node)
+            .filter(|(_, p)| p.dest == Some(node))
             .map(|(seq, _)| *seq)
             .collect();
         waiting.sort_unstable();

@@ -660,6 +660,10 @@ fn decode_envelope(r: &mut Reader<'_>) -> Result<Frame> {
     let link_seq = r.uint("link seq")?;
     let origin = r.node("origin")?;
     let seq = r.uint("seq")?;
+    if seq == u64::MAX {
+        // One past every sequence number a node can use: seen windows count up to it.
+        return Err(ProtocolError::Malformed("seq"));
+    }
     let hops = r.u8("hops")?;
     let hop_limit = r.u8("hop limit")?;
     let flags = Flags::from_bits(r.u8("flags")?).ok_or(ProtocolError::Malformed("flags"))?;
@@ -1041,6 +1045,25 @@ mod tests {
         assert_eq!(
             decode_stream(&buf, DecodeLimits::default()),
             Err(ProtocolError::Malformed("flags"))
+        );
+    }
+
+    #[test]
+    fn the_last_sequence_number_is_refused() {
+        // Found by fuzzing: a seen window counted one past u64::MAX.
+        let mut e = sample(Destination::Broadcast, false);
+        e.id.seq = u64::MAX;
+        let mut buf = Vec::new();
+        encode_frame(
+            &mut buf,
+            &Frame::Envelope {
+                link_seq: 0,
+                envelope: e,
+            },
+        );
+        assert_eq!(
+            decode_stream(&buf, DecodeLimits::default()),
+            Err(ProtocolError::Malformed("seq"))
         );
     }
 

@@ -800,3 +800,38 @@ fn a_forked_child_routes_at_once() {
         assert_eq!(&node.router.routes(), want, "node {i}");
     }
 }
+
+/// Found by fuzzing: a receipt for a flooded envelope to an unknown name had no outcome.
+/// Now it ends by its timeout, and flooding without one is refused as a configuration.
+#[test]
+fn a_flooded_receipt_ends_by_its_timeout() {
+    let mut cfg = config(31);
+    cfg.router.no_route = forkbus_router::NoRoutePolicy::Flood { hop_limit: 4 };
+    cfg.router.receipt_timeout = None;
+    assert!(matches!(
+        forkbus_router::Router::new(Sim::node_id(0), cfg.router.clone()),
+        Err(Error::InvalidConfig(_))
+    ));
+    cfg.router.receipt_timeout = Some(Duration::from_secs(1));
+    let mut sim = Sim::new(cfg);
+    random_tree(&mut sim, 6, 31);
+    sim.run_until_idle().expect("settles");
+    let id = sim
+        .send(
+            0,
+            Destination::Name("nobody".into()),
+            vec![1],
+            opts(true, false),
+        )
+        .expect("accepted");
+    sim.run_until_idle().expect("settles");
+    assert_eq!(sim.nodes[0].router.pending_receipts(), 1);
+    sim.advance(Duration::from_secs(2)).expect("settles");
+    let outcomes: Vec<_> = sim.nodes[0]
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Lost(r) if r.id == id) || **e == Event::Delivered(id))
+        .collect();
+    assert_eq!(outcomes.len(), 1);
+    assert!(matches!(outcomes[0], Event::Lost(r) if r.reason == LossReason::Timeout));
+}
