@@ -482,27 +482,43 @@ impl Router {
 
     /// The parent's side of a fork: a link to `child`, whose router was made from this
     /// router's copy by [`forked_child`](Self::forked_child) and therefore already knows
-    /// this node and its whole routing table, so neither is sent. The child's route is
-    /// usable at once and announced to the rest of the tree.
-    pub fn handle_fork(&mut self, _now: Timestamp, child: NodeId) -> LinkId {
+    /// this node and its whole routing table, so neither is sent. The child's route — and
+    /// its `names`, when the fork gave it some — are usable at once and announced to the
+    /// rest of the tree.
+    pub fn handle_fork(&mut self, _now: Timestamp, child: NodeId, names: &[String]) -> LinkId {
         let link = self.open_link(Some(child));
-        self.neighbour(link, child);
+        if self.table.add_neighbour(child, link) == Applied::Refused {
+            self.stats.routes_refused += 1;
+        }
+        self.table.name_bare(&child, names);
+        if let Some(info) = self.table.info_of(&child) {
+            let update = RouteUpdate {
+                upsert: vec![info],
+                remove: Vec::new(),
+            };
+            self.flood_routes(&update, Some(link));
+        }
         self.flush_overruns();
         link
     }
 
     /// The child's side of a fork, called on the child's copy of its parent's router: a
-    /// fresh router for `me` with one link, to the parent, that knows from the start every
-    /// node, name and group the parent knew when it forked (so the child's first sends have
-    /// routes). Pair it with [`handle_fork`](Self::handle_fork) in the parent. Nothing of
-    /// the parent's queues, links, receipts or seen windows is carried over.
+    /// fresh router for `me`, holding `names` from the start, with one link, to the parent,
+    /// that knows every node, name and group the parent knew when it forked (so the child's
+    /// first sends have routes). Pair it with [`handle_fork`](Self::handle_fork) in the
+    /// parent, with the same names. Nothing of the parent's queues, links, receipts or seen
+    /// windows is carried over.
     pub fn forked_child(
         &self,
         now: Timestamp,
         me: NodeId,
+        names: &[String],
         config: RouterConfig,
     ) -> Result<(Self, LinkId), Error> {
         let mut child = Self::new(me, config)?;
+        for name in names {
+            child.register_name(name)?;
+        }
         let parent = self.me;
         let link = child.handle_link_up(now, Some(parent));
         if let Some(l) = child.links.get_mut(link.index()) {
@@ -1688,6 +1704,24 @@ mod tests {
         assert_ne!(again, la);
         assert_eq!(a.handle_input(t(7), la, b"x"), Err(Error::UnknownLink(la)));
         assert!(a.pending_output(again).is_ok());
+    }
+
+    #[test]
+    fn a_forked_childs_name_is_known_at_once_and_kept() {
+        let mut p = Router::new(node(1), RouterConfig::default()).expect("valid");
+        let names = vec!["worker".to_string()];
+        let (c, lc) = p
+            .forked_child(t(0), node(2), &names, RouterConfig::default())
+            .expect("valid");
+        let lp = p.handle_fork(t(0), node(2), &names);
+        let by_name = Address::from(Destination::Name("worker".into()));
+        assert_eq!(p.resolve(&by_name), Some(node(2)), "before a byte moved");
+        assert_eq!(c.resolve(&Address::Pid(1)), Some(node(1)));
+        // The child's own announcement (a newer version) keeps the name.
+        let mut r = (p, c, lp, lc);
+        pump(&mut r);
+        pump(&mut r);
+        assert_eq!(r.0.resolve(&by_name), Some(node(2)));
     }
 
     #[test]

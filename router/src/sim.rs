@@ -188,8 +188,8 @@ impl Sim {
         let (router, lc) =
             self.nodes[parent]
                 .router
-                .forked_child(now, me, self.config.router.clone())?;
-        let lp = self.nodes[parent].router.handle_fork(now, me);
+                .forked_child(now, me, &[], self.config.router.clone())?;
+        let lp = self.nodes[parent].router.handle_fork(now, me, &[]);
         self.nodes.push(SimNode {
             router,
             alive: true,

@@ -213,6 +213,23 @@ impl RouteTable {
         self.learn(node, via)
     }
 
+    /// Gives a bare neighbour (version 0, names not yet announced) the names its parent
+    /// forked it with; its own first announcement (a higher version) replaces them.
+    pub(crate) fn name_bare(&mut self, node: &NodeId, names: &[String]) {
+        let Some(e) = self.nodes.get_mut(node) else {
+            return;
+        };
+        if e.version != 0 || names.is_empty() {
+            return;
+        }
+        for n in names {
+            if !e.names.contains(n) {
+                e.names.push(n.clone());
+            }
+            self.names.insert(n.clone(), *node);
+        }
+    }
+
     /// Learns `node` behind `via` from an envelope it originated: corrects the next hop of a
     /// known node, adds an unknown one, but never brings back a node that left.
     pub(crate) fn learn(&mut self, node: NodeId, via: LinkId) -> Applied {

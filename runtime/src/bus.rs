@@ -645,12 +645,7 @@ impl Bus {
         relation: Relation,
     ) -> io::Result<LinkId> {
         let now = self.now();
-        let link = match (relation, peer) {
-            // The child's router was made from this router's copy at fork time: it knows
-            // this node and its table already (`Router::forked_child`).
-            (Relation::Child(_), Some(child)) => self.router.handle_fork(now, child),
-            _ => self.router.handle_link_up(now, peer),
-        };
+        let link = self.router.handle_link_up(now, peer);
         self.register_link(fd, link, peer, relation)
     }
 
@@ -716,6 +711,13 @@ impl Bus {
         if threads > 1 {
             return Err(ForkError::Threaded { threads });
         }
+        if let Some(name) = &options.name {
+            let max = self.config.router.max_name;
+            if name.is_empty() || name.len() > max {
+                let len = name.len();
+                return Err(ForkError::Name(NameError::Invalid { len, max }));
+            }
+        }
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -739,7 +741,13 @@ impl Bus {
                 drop(theirs);
                 let pid = Pid::from_raw(u32::try_from(raw.as_raw()).unwrap_or(0));
                 let node = NodeId::new(self.me.host, pid.as_raw(), incarnation);
-                match self.add_link(ours, Some(node), Relation::Child(pid)) {
+                // The child's router was made from this router's copy at fork time: it
+                // knows this node and its table already (`Router::forked_child`), and this
+                // router knows the child's name at once.
+                let names: Vec<String> = options.name.iter().cloned().collect();
+                let now = self.now();
+                let link = self.router.handle_fork(now, node, &names);
+                match self.register_link(ours, link, Some(node), Relation::Child(pid)) {
                     Ok(link) => {
                         tracing::debug!(parent: &self.span, child = %node, "forked");
                         self.children.insert(
@@ -787,7 +795,10 @@ impl Bus {
         // The child's router knows the parent's whole table from the start, so its first
         // sends have routes; the parent sends it nothing it knows already.
         let now = self.now();
-        let forked = self.router.forked_child(now, me, config.router.clone());
+        let names: Vec<String> = options.name.iter().cloned().collect();
+        let forked = self
+            .router
+            .forked_child(now, me, &names, config.router.clone());
         BUS_PID.store(pid, Ordering::SeqCst);
         // Close every descriptor of the parent's bus before opening ours, so no number is
         // closed twice.
@@ -811,11 +822,8 @@ impl Bus {
                             node: parent_node,
                             link: Some(link),
                         });
-                        if let Some(name) = &options.name {
-                            if let Err(e) = self.register_name(name) {
-                                tracing::error!(parent: &self.span, error = %e, "cannot register the child's name");
-                            }
-                        }
+                        // The name was registered by `forked_child`, before the child's
+                        // first announcement.
                         self.run_child(child)
                     }
                     Err(e) => {

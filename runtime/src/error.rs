@@ -131,6 +131,8 @@ pub enum ForkError {
     },
     /// The bus is draining for shutdown and forks nothing more.
     ShuttingDown,
+    /// The child's name is not a valid name. Nothing was forked.
+    Name(NameError),
     /// An OS call failed (counting threads, `socketpair`, `fork`, registering the link).
     Io(io::Error),
 }
@@ -142,6 +144,7 @@ impl fmt::Display for ForkError {
                 write!(f, "refusing to fork a process with {threads} threads")
             }
             Self::ShuttingDown => f.write_str("the bus is shutting down"),
+            Self::Name(e) => write!(f, "invalid child name: {e}"),
             Self::Io(e) => write!(f, "fork failed: {e}"),
         }
     }
@@ -151,6 +154,7 @@ impl std::error::Error for ForkError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Io(e) => Some(e),
+            Self::Name(e) => Some(e),
             _ => None,
         }
     }
@@ -160,6 +164,7 @@ impl From<ForkError> for io::Error {
     fn from(e: ForkError) -> Self {
         match e {
             ForkError::Io(e) => e,
+            ForkError::Name(_) => Self::new(io::ErrorKind::InvalidInput, e),
             ForkError::Threaded { .. } | ForkError::ShuttingDown => Self::other(e),
         }
     }
