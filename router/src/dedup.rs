@@ -1,7 +1,6 @@
 //! Duplicate suppression: a sliding window of seen sequence numbers per origin.
 
-use std::collections::HashMap;
-
+use crate::hash::{self, Map};
 use crate::id::{MessageId, NodeId};
 
 /// The seen sequence numbers of one origin, as a bitmap over the last [`SeenWindow::SPAN`].
@@ -59,17 +58,18 @@ impl SeenWindow {
 /// when a new origin would exceed the bound.
 #[derive(Debug)]
 pub struct SeenTable {
-    windows: HashMap<NodeId, (SeenWindow, u64)>,
+    windows: Map<NodeId, (SeenWindow, u64)>,
     max_origins: usize,
     clock: u64,
     evicted: u64,
 }
 
 impl SeenTable {
-    /// A table tracking at most `max_origins` origins (at least one).
-    pub fn new(max_origins: usize) -> Self {
+    /// A table tracking at most `max_origins` origins (at least one), for the router of
+    /// node `me` (which seeds its hasher).
+    pub fn new(me: NodeId, max_origins: usize) -> Self {
         Self {
-            windows: HashMap::new(),
+            windows: hash::map(me),
             max_origins: max_origins.max(1),
             clock: 0,
             evicted: 0,
@@ -170,7 +170,7 @@ mod tests {
             origin: node(pid),
             seq,
         };
-        let mut t = SeenTable::new(2);
+        let mut t = SeenTable::new(NodeId::new(0, 1, 1), 2);
         assert!(t.insert(id(1, 0)));
         assert!(t.insert(id(2, 0)));
         assert!(!t.insert(id(1, 0))); // 1 is now the most recent
@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn incarnations_are_separate_origins() {
-        let mut t = SeenTable::new(8);
+        let mut t = SeenTable::new(NodeId::new(0, 1, 1), 8);
         let a = MessageId {
             origin: NodeId::new(0, 5, 1),
             seq: 0,

@@ -32,6 +32,8 @@ pub enum LossReason {
     Timeout,
     /// Its destination left the tree before a receipt came.
     DestinationDown,
+    /// It grew past the frame limit on its way (its trace) and could not be forwarded.
+    TooLarge,
 }
 
 impl LossReason {
@@ -45,6 +47,7 @@ impl LossReason {
             Self::QueueFull => 5,
             Self::Timeout => 6,
             Self::DestinationDown => 7,
+            Self::TooLarge => 8,
         }
     }
 
@@ -58,6 +61,7 @@ impl LossReason {
             5 => Self::QueueFull,
             6 => Self::Timeout,
             7 => Self::DestinationDown,
+            8 => Self::TooLarge,
             _ => return None,
         })
     }
@@ -74,6 +78,7 @@ impl fmt::Display for LossReason {
             Self::QueueFull => "queue full",
             Self::Timeout => "timeout",
             Self::DestinationDown => "destination down",
+            Self::TooLarge => "too large to forward",
         })
     }
 }

@@ -35,9 +35,11 @@
 //! truth, though: a peer that forges well-formed receipts or loss notices can mislead an
 //! origin about an envelope's fate (it cannot make it report an envelope it never sent).
 
+mod cbor;
 mod dedup;
 mod error;
 mod event;
+mod hash;
 mod id;
 mod router;
 pub mod sim;

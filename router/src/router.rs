@@ -1,7 +1,7 @@
 //! The router: one per process, fed bytes and time, producing bytes and events.
 
 use std::cell::Cell;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::rc::Rc;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use slab::Slab;
 use crate::dedup::SeenTable;
 use crate::error::{Error, ProtocolError};
 use crate::event::{DownCause, Event, LinkDown, LossReason, LossReport, LostEnvelope, WriteState};
+use crate::hash::{self, Map};
 use crate::id::{Address, Destination, LinkId, MessageId, NodeId, Timestamp};
 use crate::stats::RouterStats;
 use crate::table::{Applied, RouteTable};
@@ -178,6 +179,9 @@ pub struct LinkStats {
 #[derive(Debug)]
 struct Queued {
     env: Envelope,
+    /// Its frame's length with the widest link sequence number: computed once, an upper
+    /// bound on every link.
+    max_len: usize,
     /// Originated here (not forwarded).
     local: bool,
     /// Links it is queued on and not yet written whole to.
@@ -185,6 +189,22 @@ struct Queued {
     /// Lost on one of its links: no [`Event::Sent`] for it.
     lost: Cell<bool>,
 }
+
+impl Queued {
+    fn new(env: Envelope, local: bool, targets: usize) -> Rc<Self> {
+        Rc::new(Self {
+            max_len: envelope_frame_len(u64::MAX, &env),
+            env,
+            local,
+            unwritten: Cell::new(u32::try_from(targets).unwrap_or(u32::MAX)),
+            lost: Cell::new(false),
+        })
+    }
+}
+
+/// Bytes one hop can add to a traced envelope: a five-item array of a node id, a link index
+/// and a time, each at its widest.
+const MAX_HOP_LEN: usize = 1 + 3 * 5 + 9 + 9;
 
 /// An envelope frame on one link: its sequence number and where it sits in the byte stream.
 #[derive(Debug)]
@@ -358,7 +378,7 @@ pub struct Router {
     table: RouteTable,
     seen: SeenTable,
     next_seq: u64,
-    receipts: HashMap<u64, PendingReceipt>,
+    receipts: Map<u64, PendingReceipt>,
     deadlines: BTreeSet<(Timestamp, u64)>,
     events: VecDeque<Event>,
     dirty: VecDeque<LinkId>,
@@ -377,12 +397,12 @@ impl Router {
                 max_name: config.max_name,
             },
             table: RouteTable::new(me, config.max_nodes),
-            seen: SeenTable::new(config.max_origins),
+            seen: SeenTable::new(me, config.max_origins),
             config,
             links: Slab::new(),
             generations: Vec::new(),
             next_seq: 0,
-            receipts: HashMap::new(),
+            receipts: hash::map(me),
             deadlines: BTreeSet::new(),
             events: VecDeque::new(),
             dirty: VecDeque::new(),
@@ -727,9 +747,22 @@ impl Router {
             payload,
         };
         let len = envelope_frame_len(u64::MAX, &env);
-        if len - 4 > self.config.max_frame as usize {
+        // A traced envelope grows by a hop at every node: reserve room for all of them, so
+        // that no honest node ever has to refuse it on the way.
+        let growth = if options.trace {
+            (usize::from(env.hop_limit) + 1) * MAX_HOP_LEN + 8
+        } else {
+            0
+        };
+        if len + growth - 4 > self.config.max_frame as usize {
             let max = self.config.max_frame as usize + 4;
-            return refuse(Error::PayloadTooLarge { len, max }, env.payload);
+            return refuse(
+                Error::PayloadTooLarge {
+                    len: len + growth,
+                    max,
+                },
+                env.payload,
+            );
         }
         let plan = if resolved {
             self.plan(&env.destination, None)
@@ -745,7 +778,7 @@ impl Router {
             let Some(l) = self.links.get_mut(link.index()) else {
                 continue;
             };
-            if !l.has_room(envelope_frame_len(l.next_seq, &env), &self.config, false) {
+            if !l.has_room(len, &self.config, false) {
                 l.refused = true;
                 return refuse(Error::QueueFull { link }, env.payload);
             }
@@ -804,13 +837,7 @@ impl Router {
             return Ok(id);
         }
         env.hops = 1;
-        let n_targets = u32::try_from(targets.len()).unwrap_or(u32::MAX);
-        let queued = Rc::new(Queued {
-            env,
-            local: true,
-            unwritten: Cell::new(n_targets),
-            lost: Cell::new(false),
-        });
+        let queued = Queued::new(env, true, targets.len());
         for &link in plan.targets.as_slice() {
             // Room was checked above and nothing ran in between.
             self.enqueue(link, &queued);
@@ -1144,15 +1171,15 @@ impl Router {
             self.lose(&env, LossReason::HopLimit);
             return;
         }
-        self.stats.forwarded += 1;
         env.hops += 1;
-        let n_targets = u32::try_from(targets.len()).unwrap_or(u32::MAX);
-        let queued = Rc::new(Queued {
-            env,
-            local: false,
-            unwritten: Cell::new(n_targets),
-            lost: Cell::new(false),
-        });
+        let queued = Queued::new(env, false, targets.len());
+        if queued.max_len - 4 > self.config.max_frame as usize {
+            // Grown past the frame limit on its way (a trace from a sender that did not
+            // reserve room): the next hop would refuse the frame and close the link.
+            self.lose(&queued.env, LossReason::TooLarge);
+            return;
+        }
+        self.stats.forwarded += 1;
         for &link in plan.targets.as_slice() {
             if !self.enqueue(link, &queued) {
                 self.lose(&queued.env, LossReason::QueueFull);
@@ -1342,12 +1369,7 @@ impl Router {
         self.next_seq += 1;
         let mut env = env;
         env.hops = 1;
-        let queued = Rc::new(Queued {
-            env,
-            local: false,
-            unwritten: Cell::new(u32::try_from(targets.len()).unwrap_or(u32::MAX)),
-            lost: Cell::new(false),
-        });
+        let queued = Queued::new(env, false, targets.len());
         let mut sent = false;
         for &link in plan.targets.as_slice() {
             sent |= self.enqueue(link, &queued);
@@ -1416,9 +1438,8 @@ impl Router {
         let Some(l) = self.links.get_mut(link.index()) else {
             return false;
         };
-        let len = envelope_frame_len(l.next_seq, &queued.env);
         let notice = queued.env.flags.contains(Flags::SYSTEM);
-        if !l.has_room(len, &self.config, notice) {
+        if !l.has_room(queued.max_len, &self.config, notice) {
             return false;
         }
         l.piggyback_ack();

@@ -22,6 +22,8 @@ pub struct LossStats {
     pub timeout: u64,
     /// The destination left the tree while a receipt was pending (counted at the origin).
     pub destination_down: u64,
+    /// Grown past the frame limit on the way (a trace), so not forwarded.
+    pub too_large: u64,
 }
 
 impl LossStats {
@@ -35,6 +37,7 @@ impl LossStats {
             + self.queue_full
             + self.timeout
             + self.destination_down
+            + self.too_large
     }
 
     pub(crate) fn count(&mut self, reason: LossReason) {
@@ -48,6 +51,7 @@ impl LossStats {
             LossReason::QueueFull => &mut self.queue_full,
             LossReason::Timeout => &mut self.timeout,
             LossReason::DestinationDown => &mut self.destination_down,
+            LossReason::TooLarge => &mut self.too_large,
         };
         *slot += 1;
     }

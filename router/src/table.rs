@@ -1,6 +1,8 @@
 //! The routing table: node → link, name → node, group → members, pid → node.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::hash::{self, Map, Set};
 
 use crate::id::{LinkId, NodeId};
 use crate::wire::{NodeInfo, RouteUpdate};
@@ -38,31 +40,31 @@ pub(crate) struct RouteTable {
     my_version: u64,
     my_names: Vec<String>,
     my_groups: Vec<String>,
-    nodes: HashMap<NodeId, Entry>,
-    names: HashMap<String, NodeId>,
-    groups: HashMap<String, BTreeSet<NodeId>>,
-    by_pid: HashMap<(u32, u32), NodeId>,
+    nodes: Map<NodeId, Entry>,
+    names: Map<String, NodeId>,
+    groups: Map<String, BTreeSet<NodeId>>,
+    by_pid: Map<(u32, u32), NodeId>,
     /// Nodes that left, so that a late envelope of theirs does not bring them back by
     /// learning (bounded: the oldest are forgotten first).
-    tombstones: HashSet<NodeId>,
+    tombstones: Set<NodeId>,
     tombstone_order: VecDeque<NodeId>,
     max_nodes: usize,
 }
 
 impl RouteTable {
     pub(crate) fn new(me: NodeId, max_nodes: usize) -> Self {
-        let mut by_pid = HashMap::new();
+        let mut by_pid = hash::map(me);
         by_pid.insert((me.host, me.pid), me);
         Self {
             me,
             my_version: 1,
             my_names: Vec::new(),
             my_groups: Vec::new(),
-            nodes: HashMap::new(),
-            names: HashMap::new(),
-            groups: HashMap::new(),
+            nodes: hash::map(me),
+            names: hash::map(me),
+            groups: hash::map(me),
             by_pid,
-            tombstones: HashSet::new(),
+            tombstones: hash::set(me),
             tombstone_order: VecDeque::new(),
             max_nodes,
         }

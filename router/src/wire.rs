@@ -21,9 +21,10 @@
 //! ```
 //!
 //! The header is an array of integers with no field names, and the payload one byte string,
-//! so an envelope costs a handful of bytes over its payload and decodes without serde.
+//! so an envelope costs a handful of bytes over its payload and decodes without serde (see
+//! the `cbor` module for the heads).
 
-use ciborium_ll::{Decoder, Encoder, Header};
+use crate::cbor::{head_len, put_head, read_head, ARRAY, BYTES, TEXT, UINT};
 
 use crate::error::ProtocolError;
 use crate::id::{Destination, MessageId, NodeId, Timestamp};
@@ -214,29 +215,22 @@ impl<'a> FrameWriter<'a> {
         Self { out, start }
     }
 
-    fn enc(&mut self) -> Encoder<&mut Vec<u8>> {
-        Encoder::from(&mut *self.out)
-    }
-
-    fn push(&mut self, header: Header) {
-        // Writing into a Vec cannot fail.
-        let _ = self.enc().push(header);
-    }
-
     fn uint(&mut self, v: u64) {
-        self.push(Header::Positive(v));
+        put_head(self.out, UINT, v);
     }
 
     fn array(&mut self, n: usize) {
-        self.push(Header::Array(Some(n)));
+        put_head(self.out, ARRAY, n as u64);
     }
 
     fn bytes(&mut self, b: &[u8]) {
-        let _ = self.enc().bytes(b, None);
+        put_head(self.out, BYTES, b.len() as u64);
+        self.out.extend_from_slice(b);
     }
 
     fn text(&mut self, s: &str) {
-        let _ = self.enc().text(s, None);
+        put_head(self.out, TEXT, s.len() as u64);
+        self.out.extend_from_slice(s.as_bytes());
     }
 
     fn node(&mut self, n: NodeId) {
@@ -385,15 +379,9 @@ pub fn envelope_frame_len(link_seq: u64, env: &Envelope) -> usize {
     len
 }
 
-/// Bytes CBOR needs for an unsigned integer (or a length header) of this value.
+/// Bytes CBOR needs for an unsigned integer (or a length head) of this value.
 const fn uint_len(v: u64) -> usize {
-    match v {
-        0..=23 => 1,
-        24..=0xff => 2,
-        0x100..=0xffff => 3,
-        0x1_0000..=0xffff_ffff => 5,
-        _ => 9,
-    }
+    head_len(v)
 }
 
 /// Bytes of an acknowledgement frame, whose count is always 8 bytes wide so that a queued
@@ -441,24 +429,24 @@ impl Notice {
     /// Encodes the notice as a payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16);
-        let mut enc = Encoder::from(&mut out);
-        // Writing into a Vec cannot fail.
-        let _ = match *self {
-            Self::Delivered { seq } => enc
-                .push(Header::Array(Some(2)))
-                .and_then(|()| enc.push(Header::Positive(0)))
-                .and_then(|()| enc.push(Header::Positive(seq))),
+        match *self {
+            Self::Delivered { seq } => {
+                put_head(&mut out, ARRAY, 2);
+                put_head(&mut out, UINT, 0);
+                put_head(&mut out, UINT, seq);
+            }
             Self::Lost {
                 seq,
                 reason,
                 receipt,
-            } => enc
-                .push(Header::Array(Some(4)))
-                .and_then(|()| enc.push(Header::Positive(1)))
-                .and_then(|()| enc.push(Header::Positive(seq)))
-                .and_then(|()| enc.push(Header::Positive(reason)))
-                .and_then(|()| enc.push(Header::Positive(receipt.into()))),
-        };
+            } => {
+                put_head(&mut out, ARRAY, 4);
+                put_head(&mut out, UINT, 1);
+                put_head(&mut out, UINT, seq);
+                put_head(&mut out, UINT, reason);
+                put_head(&mut out, UINT, receipt.into());
+            }
+        }
         out
     }
 
@@ -499,26 +487,22 @@ struct Reader<'a> {
 type Result<T> = std::result::Result<T, ProtocolError>;
 
 impl<'a> Reader<'a> {
-    fn header(&mut self, what: &'static str) -> Result<Header> {
-        let rest = self
-            .buf
-            .get(self.pos..)
-            .ok_or(ProtocolError::Malformed(what))?;
-        let mut dec = Decoder::from(rest);
-        let h = dec.pull().map_err(|_| ProtocolError::Malformed(what))?;
-        self.pos += dec.offset();
-        Ok(h)
+    /// The next head, which must be of this major type; its argument.
+    #[inline]
+    fn head(&mut self, major: u8, what: &'static str) -> Result<u64> {
+        match read_head(self.buf, &mut self.pos) {
+            Some((m, v)) if m == major => Ok(v),
+            _ => Err(ProtocolError::Malformed(what)),
+        }
     }
 
     fn remaining(&self) -> usize {
         self.buf.len().saturating_sub(self.pos)
     }
 
+    #[inline]
     fn uint(&mut self, what: &'static str) -> Result<u64> {
-        match self.header(what)? {
-            Header::Positive(v) => Ok(v),
-            _ => Err(ProtocolError::Malformed(what)),
-        }
+        self.head(UINT, what)
     }
 
     fn u32(&mut self, what: &'static str) -> Result<u32> {
@@ -537,11 +521,11 @@ impl<'a> Reader<'a> {
         ))
     }
 
-    /// An array header with a definite length no larger than the bytes left (every item
-    /// takes at least one byte), so the count is safe to allocate for.
+    /// An array head with a length no larger than the bytes left (every item takes at least
+    /// one byte), so the count is safe to allocate for.
     fn array(&mut self, what: &'static str) -> Result<usize> {
-        match self.header(what)? {
-            Header::Array(Some(n)) if n <= self.remaining() => Ok(n),
+        match usize::try_from(self.head(ARRAY, what)?) {
+            Ok(n) if n <= self.remaining() => Ok(n),
             _ => Err(ProtocolError::Malformed(what)),
         }
     }
@@ -554,33 +538,31 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn bytes_slice(&mut self, what: &'static str) -> Result<&'a [u8]> {
-        match self.header(what)? {
-            Header::Bytes(Some(n)) if n <= self.remaining() => {
-                let s = &self.buf[self.pos..self.pos + n];
-                self.pos += n;
-                Ok(s)
-            }
-            _ => Err(ProtocolError::Malformed(what)),
+    /// The contents of a string of this major type, no longer than `max`.
+    fn string(&mut self, major: u8, max: usize, what: &'static str) -> Result<&'a [u8]> {
+        let n = usize::try_from(self.head(major, what)?).unwrap_or(usize::MAX);
+        if n > self.remaining() || n > max {
+            return Err(ProtocolError::Malformed(what));
         }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn bytes_slice(&mut self, what: &'static str) -> Result<&'a [u8]> {
+        self.string(BYTES, usize::MAX, what)
     }
 
     fn text(&mut self, what: &'static str) -> Result<String> {
-        match self.header(what)? {
-            Header::Text(Some(n)) if n <= self.remaining() && n <= self.limits.max_name => {
-                let s = &self.buf[self.pos..self.pos + n];
-                self.pos += n;
-                std::str::from_utf8(s)
-                    .map(str::to_owned)
-                    .map_err(|_| ProtocolError::Malformed(what))
-            }
-            _ => Err(ProtocolError::Malformed(what)),
-        }
+        let s = self.string(TEXT, self.limits.max_name, what)?;
+        std::str::from_utf8(s)
+            .map(str::to_owned)
+            .map_err(|_| ProtocolError::Malformed(what))
     }
 
     fn texts(&mut self, what: &'static str) -> Result<Vec<String>> {
         let n = self.array(what)?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(16));
         for _ in 0..n {
             v.push(self.text(what)?);
         }
@@ -623,7 +605,8 @@ pub fn decode_frame(kind: u8, body: &[u8], limits: DecodeLimits) -> Result<Frame
         KIND_ROUTES => {
             r.array_of(2, "routes")?;
             let n = r.array("upserts")?;
-            let mut upsert = Vec::with_capacity(n);
+            // Reserve for what a frame of this size can really hold, not what it claims.
+            let mut upsert = Vec::with_capacity(n.min(r.remaining() / 8));
             for _ in 0..n {
                 r.array_of(6, "upsert")?;
                 upsert.push(NodeInfo {
@@ -634,7 +617,7 @@ pub fn decode_frame(kind: u8, body: &[u8], limits: DecodeLimits) -> Result<Frame
                 });
             }
             let n = r.array("removals")?;
-            let mut remove = Vec::with_capacity(n);
+            let mut remove = Vec::with_capacity(n.min(r.remaining() / 4));
             for _ in 0..n {
                 r.array_of(3, "removal")?;
                 remove.push(r.node("removal")?);
@@ -900,6 +883,72 @@ mod tests {
             assert_eq!(len, buf.len());
             let decoded = decode_stream(&buf, DecodeLimits::default()).expect("decodes");
             assert_eq!(decoded, vec![f]);
+        }
+    }
+
+    /// A CBOR item as `ciborium-ll` sees it.
+    #[derive(Debug, PartialEq)]
+    enum Item {
+        Uint(u64),
+        Bytes(Vec<u8>),
+        Text(String),
+        Array(Vec<Item>),
+    }
+
+    fn ll_read(dec: &mut ciborium_ll::Decoder<&[u8]>) -> Item {
+        use ciborium_ll::Header;
+        match dec.pull().expect("ciborium-ll reads our head") {
+            Header::Positive(v) => Item::Uint(v),
+            Header::Bytes(Some(n)) => {
+                let mut b = vec![0; n];
+                ciborium_io::Read::read_exact(dec, &mut b).expect("bytes");
+                Item::Bytes(b)
+            }
+            Header::Text(Some(n)) => {
+                let mut b = vec![0; n];
+                ciborium_io::Read::read_exact(dec, &mut b).expect("text");
+                Item::Text(String::from_utf8(b).expect("utf-8"))
+            }
+            Header::Array(Some(n)) => Item::Array((0..n).map(|_| ll_read(dec)).collect()),
+            other => panic!("a head the wire never writes: {other:?}"),
+        }
+    }
+
+    fn ll_write(enc: &mut ciborium_ll::Encoder<&mut Vec<u8>>, item: &Item) {
+        use ciborium_ll::Header;
+        match item {
+            Item::Uint(v) => enc.push(Header::Positive(*v)).expect("vec"),
+            Item::Bytes(b) => enc.bytes(b, None).expect("vec"),
+            Item::Text(t) => enc.text(t, None).expect("vec"),
+            Item::Array(v) => {
+                enc.push(Header::Array(Some(v.len()))).expect("vec");
+                for i in v {
+                    ll_write(enc, i);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_body_is_the_cbor_ciborium_reads_and_writes() {
+        let mut frames = all_frames();
+        frames.push(Frame::Envelope {
+            link_seq: u64::MAX,
+            envelope: Envelope {
+                payload: vec![3; 70_000],
+                ..sample(Destination::Name("x".repeat(300)), true)
+            },
+        });
+        for f in frames {
+            let mut ours = Vec::new();
+            encode_frame(&mut ours, &f);
+            let body = &ours[FRAME_HEADER_LEN..];
+            let mut dec = ciborium_ll::Decoder::from(body);
+            let item = ll_read(&mut dec);
+            assert_eq!(dec.offset(), body.len(), "{f:?}");
+            let mut theirs = Vec::new();
+            ll_write(&mut ciborium_ll::Encoder::from(&mut theirs), &item);
+            assert_eq!(theirs, body, "ciborium encodes {f:?} to the same bytes");
         }
     }
 

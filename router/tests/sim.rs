@@ -835,3 +835,42 @@ fn a_flooded_receipt_ends_by_its_timeout() {
     assert_eq!(outcomes.len(), 1);
     assert!(matches!(outcomes[0], Event::Lost(r) if r.reason == LossReason::Timeout));
 }
+
+/// Found by reading the fuzz target's report: a traced envelope of the largest accepted size
+/// grew past the frame limit on its way and made an honest hop close its link. The sender
+/// now reserves room for the trace, and a hop never forwards a frame over the limit.
+#[test]
+fn the_largest_traced_envelope_crosses_every_hop() {
+    let mut cfg = config(41);
+    cfg.router.max_frame = 4096;
+    cfg.router.max_queue_bytes = 1 << 16;
+    cfg.router.hop_limit = 6;
+    let mut sim = Sim::new(cfg);
+    let mut last = sim.add_root().expect("valid");
+    for _ in 0..6 {
+        last = sim.add_child(last).expect("valid");
+    }
+    sim.run_until_idle().expect("settles");
+    let mut size = 4096;
+    let id = loop {
+        match sim.send(0, Sim::node_id(last), vec![7; size], opts(true, true)) {
+            Ok(id) => break id,
+            Err(r) => {
+                assert!(matches!(r.error, Error::PayloadTooLarge { .. }), "{r:?}");
+                size -= 1;
+            }
+        }
+    };
+    assert!(size > 3000, "the reservation is modest: {size}");
+    sim.run_until_idle().expect("settles");
+    assert!(sim.nodes[0].events.contains(&Event::Delivered(id)));
+    for node in &sim.nodes {
+        assert!(
+            !node.events.iter().any(|e| matches!(e, Event::LinkDown(_))),
+            "a link went down"
+        );
+    }
+    let got = received(&sim, last);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, 6);
+}
