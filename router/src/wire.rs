@@ -892,7 +892,7 @@ mod tests {
         Uint(u64),
         Bytes(Vec<u8>),
         Text(String),
-        Array(Vec<Item>),
+        Array(Vec<Self>),
     }
 
     fn ll_read(dec: &mut ciborium_ll::Decoder<&[u8]>) -> Item {
