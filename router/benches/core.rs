@@ -17,7 +17,8 @@
 //!   delivers.
 //!
 //! Prints a table and writes JSON to `forkbus-router-bench.json` in the target directory.
-//! Run with `cargo bench -p forkbus-router --bench core`.
+//! Run with `cargo bench -p forkbus-router --bench core`; append `-- unicast` (or `codec`,
+//! `forward`, `broadcast`) to run one group, e.g. under a profiler.
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -329,7 +330,7 @@ impl Net {
 }
 
 /// Rounds per repetition of the network cases.
-const ROUNDS: usize = 64;
+const ROUNDS: usize = 256;
 const NET_OPS: u64 = (ROUNDS * BATCH) as u64;
 
 fn bench_unicast() -> Row {
@@ -406,7 +407,7 @@ fn bench_broadcast() -> [Row; 2] {
         net.connect(0, child);
     }
     let payload = [0xa5u8; PAYLOAD];
-    const ROUNDS_B: usize = 16;
+    const ROUNDS_B: usize = 64;
     let broadcasts = (ROUNDS_B * BATCH) as u64;
     let mut per_delivery = 0.0;
     let mut per_broadcast = measure(
@@ -495,12 +496,27 @@ fn main() {
         println!("core bench: run with `cargo bench -p forkbus-router --bench core`");
         return;
     }
+    // Further arguments not starting with `-` pick cases by group name (for profiling).
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |group: &str| only.is_empty() || only.iter().any(|o| o == group);
     let start = Instant::now();
-    let mut rows = vec![bench_encode(), bench_decode()];
-    rows.extend(bench_deframe());
-    rows.push(bench_unicast());
-    rows.extend(bench_forward());
-    rows.extend(bench_broadcast());
+    let mut rows = Vec::new();
+    if wanted("codec") {
+        rows.extend([bench_encode(), bench_decode()]);
+        rows.extend(bench_deframe());
+    }
+    if wanted("unicast") {
+        rows.push(bench_unicast());
+    }
+    if wanted("forward") {
+        rows.extend(bench_forward());
+    }
+    if wanted("broadcast") {
+        rows.extend(bench_broadcast());
+    }
     let total = start.elapsed();
 
     println!(
@@ -521,6 +537,10 @@ fn main() {
             r.unit,
             r.note
         );
+    }
+    if !only.is_empty() {
+        println!("a selection of cases: JSON not written");
+        return;
     }
     let path = target_dir().join("forkbus-router-bench.json");
     match std::fs::write(&path, json(&rows, total)) {
