@@ -249,20 +249,20 @@ impl Net {
         let now = self.now;
         for from in 0..self.nodes.len() {
             loop {
-                let t0 = Instant::now();
+                let t0 = self.tick();
                 let Some(link) = self.nodes[from].poll_transmit() else {
                     self.charge(from, t0);
                     break;
                 };
                 self.charge(from, t0);
                 let (to, to_link) = self.peer[from][link.index()].expect("a connected link");
+                let t0 = self.tick();
                 let (src, dst) = self.pair(from, to);
                 let out = src.pending_output(link).expect("an open link");
                 let n = out.len();
-                let t0 = Instant::now();
                 dst.handle_input(now, to_link, out).expect("a valid peer");
                 self.charge(to, t0);
-                let t0 = Instant::now();
+                let t0 = self.tick();
                 self.nodes[from]
                     .advance_output(link, n)
                     .expect("an open link");
@@ -271,7 +271,7 @@ impl Net {
             }
         }
         for i in 0..self.nodes.len() {
-            let t0 = Instant::now();
+            let t0 = self.tick();
             while let Some(ev) = self.nodes[i].poll_event() {
                 if let Event::Message { envelope, .. } = ev {
                     black_box(&envelope);
@@ -283,9 +283,14 @@ impl Net {
         moved
     }
 
-    fn charge(&mut self, node: usize, since: Instant) {
-        if self.timed == Some(node) {
-            self.busy += since.elapsed();
+    /// The time now when one node is being timed (the clock is not read otherwise).
+    fn tick(&self) -> Option<Instant> {
+        self.timed.map(|_| Instant::now())
+    }
+
+    fn charge(&mut self, node: usize, since: Option<Instant>) {
+        if let (Some(t0), true) = (since, self.timed == Some(node)) {
+            self.busy += t0.elapsed();
         }
     }
 
@@ -297,7 +302,7 @@ impl Net {
             let mut due = false;
             for i in 0..self.nodes.len() {
                 if self.nodes[i].poll_timeout().is_some_and(|t| t <= self.now) {
-                    let t0 = Instant::now();
+                    let t0 = self.tick();
                     self.nodes[i].handle_timeout(self.now);
                     self.charge(i, t0);
                     due = true;
@@ -312,13 +317,13 @@ impl Net {
     /// Node `from` submits `BATCH` envelopes to `to`, then the bytes move until idle.
     fn round(&mut self, from: usize, to: Destination, payload: &[u8]) {
         let now = self.now;
+        let t0 = self.tick();
         for _ in 0..BATCH {
-            let t0 = Instant::now();
             self.nodes[from]
                 .submit(now, to.clone(), payload.to_vec(), SendOptions::default())
                 .expect("queues are drained between batches");
-            self.charge(from, t0);
         }
+        self.charge(from, t0);
         self.settle();
     }
 
@@ -333,12 +338,12 @@ impl Net {
 const ROUNDS: usize = 256;
 const NET_OPS: u64 = (ROUNDS * BATCH) as u64;
 
-fn bench_unicast() -> Row {
+fn bench_unicast() -> [Row; 3] {
     let mut net = Net::new(2);
     net.connect(0, 1);
     let to = Destination::Node(net.id(1));
     let payload = [0xa5u8; PAYLOAD];
-    let mut row = measure("unicast A->B, end to end", "ns/envelope", NET_OPS, || {
+    let run = |net: &mut Net| {
         let before = net.delivered[1];
         let start = Instant::now();
         for _ in 0..ROUNDS {
@@ -348,13 +353,31 @@ fn bench_unicast() -> Row {
         assert_eq!(net.delivered[1] - before, NET_OPS);
         net.assert_idle();
         elapsed
+    };
+    let mut end_to_end = measure("unicast A->B, end to end", "ns/envelope", NET_OPS, || {
+        run(&mut net)
     });
     let stats = net.nodes[0].stats();
-    row.note = format!(
+    end_to_end.note = format!(
         "{:.1} B/envelope on the wire A->B",
         stats.bytes_out as f64 / stats.sent as f64
     );
-    row
+    let sides = [
+        (0, "unicast, A's calls only", "submit+encode+acks"),
+        (1, "unicast, B's calls only", "deframe+decode+deliver+drain"),
+    ];
+    let [a, b] = sides.map(|(node, name, note)| {
+        net.timed = Some(node);
+        let mut row = measure(name, "ns/envelope", NET_OPS, || {
+            net.busy = Duration::ZERO;
+            run(&mut net);
+            net.busy
+        });
+        row.note = note.into();
+        row
+    });
+    net.timed = None;
+    [end_to_end, a, b]
 }
 
 fn bench_forward() -> [Row; 2] {
@@ -509,7 +532,7 @@ fn main() {
         rows.extend(bench_deframe());
     }
     if wanted("unicast") {
-        rows.push(bench_unicast());
+        rows.extend(bench_unicast());
     }
     if wanted("forward") {
         rows.extend(bench_forward());
