@@ -284,10 +284,8 @@ impl Harness {
                 assert!(self.sent.insert(*id), "Sent twice for {id}");
             }
             Event::Delivered(id) => self.outcome(*id, ev),
-            Event::Lost(report) => {
-                if self.receipts.contains_key(&report.id) {
-                    self.outcome(report.id, ev);
-                }
+            Event::Lost(report) if self.receipts.contains_key(&report.id) => {
+                self.outcome(report.id, ev);
             }
             _ => {}
         }
