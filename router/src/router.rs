@@ -192,8 +192,14 @@ struct Queued {
 
 impl Queued {
     fn new(env: Envelope, local: bool, targets: usize) -> Rc<Self> {
+        let max_len = envelope_frame_len(u64::MAX, &env);
+        Self::with_len(env, max_len, local, targets)
+    }
+
+    /// When the caller computed `envelope_frame_len(u64::MAX, &env)` already.
+    fn with_len(env: Envelope, max_len: usize, local: bool, targets: usize) -> Rc<Self> {
         Rc::new(Self {
-            max_len: envelope_frame_len(u64::MAX, &env),
+            max_len,
             env,
             local,
             unwritten: Cell::new(u32::try_from(targets).unwrap_or(u32::MAX)),
@@ -836,8 +842,9 @@ impl Router {
             self.events.push_back(Event::Sent(id));
             return Ok(id);
         }
+        // Hops 0 and 1 encode alike: the length computed above holds.
         env.hops = 1;
-        let queued = Queued::new(env, true, targets.len());
+        let queued = Queued::with_len(env, len, true, targets.len());
         for &link in plan.targets.as_slice() {
             // Room was checked above and nothing ran in between.
             self.enqueue(link, &queued);
