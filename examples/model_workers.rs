@@ -21,7 +21,7 @@
 //!    shuts the tree down gracefully.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -979,14 +979,13 @@ fn print_loss_report(st: &Root) {
         else {
             continue;
         };
-        println!(
-            "{parent} saw its link to pid {peer} go down ({cause}) and handed over its lost list: \
-             {} envelopes, whole.",
-            lost.len()
-        );
-        if lost.is_empty() {
-            println!("    (empty: nothing was queued for it or written and unacknowledged)");
-        }
+        let what = if lost.is_empty() {
+            "an empty lost list (nothing was queued for it or written and unacknowledged)"
+                .to_owned()
+        } else {
+            format!("its lost list: {} envelopes, whole", lost.len())
+        };
+        println!("{parent} saw its link to pid {peer} go down ({cause}) and handed over {what}.");
         let mut by: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
         for l in lost {
             let key = format!("{} from {}", l.what, st.name_of(l.origin));
@@ -1002,6 +1001,43 @@ fn print_loss_report(st: &Root) {
     }
     if k.exits.is_empty() || k.peer_lost.is_empty() {
         println!("(the supervisor's reports did not all arrive within 3 s)");
+    }
+    // The supervisor's lost list and the root's receipts must name the same requests.
+    let listed: BTreeSet<u64> = k
+        .peer_lost
+        .iter()
+        .flat_map(|p| match p {
+            Wire::PeerLost { lost, .. } => lost.iter().filter_map(|l| l.req).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let told: BTreeSet<u64> = (0..st.reqs.len() as u64)
+        .filter(|&i| {
+            matches!(st.reqs[i as usize].outcome,
+                Outcome::Lost(LossReason::PeerDown(_), at) if at == victim.parent)
+        })
+        .collect();
+    if listed == told && !listed.is_empty() {
+        println!(
+            "{parent}'s lost list and the root's loss reports \"at {parent}: peer down\" name the \
+             same {} requests ✓",
+            listed.len()
+        );
+    } else if listed != told {
+        // "Written, not acknowledged" is an upper bound: the worker may have taken one and
+        // answered before it died; the receipt then says delivered, and the reply arrives.
+        let answered: Vec<u64> = listed
+            .iter()
+            .copied()
+            .filter(|&i| st.reqs[i as usize].outcome == Outcome::Replied)
+            .collect();
+        println!(
+            "{parent}'s lost list names {} requests, the root's reports \"at {parent}: peer \
+             down\" {}; answered after all (taken before it died, unacknowledged): {}",
+            listed.len(),
+            told.len(),
+            ids(&answered)
+        );
     }
     println!(
         "At the root, exactly one outcome per request sent to {} (receipts):",
@@ -1130,8 +1166,8 @@ fn tree_picture(st: &Root) -> String {
             };
             let _ = writeln!(
                 out,
-                "{}  {branch} {:<10} pid {:<7} {:<9} replies {:>4} (v1 {:>4}, v2 {:>4}){lost}",
-                if last_s { "  " } else { "│ " },
+                "{}{branch} {:<10} pid {:<7} {:<9} replies {:>4} (v1 {:>4}, v2 {:>4}){lost}",
+                if last_s { "   " } else { "│  " },
                 w.name,
                 w.pid,
                 state,
