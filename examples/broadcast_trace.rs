@@ -546,9 +546,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if cycle {
         println!(
             "The redundant link {first} ═ {last} closed a cycle through the root, so broadcast #2 \
-             reached the nodes on it by two ways: each second copy was dropped by a seen-ID \
-             window (the duplicates column) and every node delivered #2 once (each reported it \
-             once, with the trace of its first copy)."
+             went round it both ways: where the two waves met, each second copy was dropped by a \
+             seen-ID window (the duplicates column; a flood round one cycle always makes exactly \
+             two, and the root counts one when its own envelope comes back to it). Every node \
+             delivered #2 once (each reported it once, with the trace of its first copy)."
         );
     }
 
