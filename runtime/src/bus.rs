@@ -236,6 +236,8 @@ pub struct Bus {
     /// The signal mask to put back when the root bus is dropped.
     root_mask: Option<SigSet>,
     owner: u32,
+    /// Programs started with `exec` (`crate::exec`).
+    pub(crate) execs: crate::exec::ExecTable,
 }
 
 impl std::fmt::Debug for Bus {
@@ -342,6 +344,7 @@ impl Bus {
             span,
             root_mask: None,
             owner: me.pid,
+            execs: crate::exec::ExecTable::default(),
         })
     }
 
@@ -927,6 +930,7 @@ impl Bus {
                 }
             }
         }
+        self.cancel_all_execs();
         self.internal.push_back(Internal::Shutdown);
     }
 
@@ -934,18 +938,19 @@ impl Bus {
         let Phase::Draining { deadline, killed } = self.phase else {
             return;
         };
-        if self.children.is_empty() && self.router.is_idle() {
+        if self.children.is_empty() && self.execs.is_empty() && self.router.is_idle() {
             self.finish_drain();
             return;
         }
         if self.now < deadline {
             return;
         }
-        if !self.children.is_empty() && !killed {
+        if (!self.children.is_empty() || !self.execs.is_empty()) && !killed {
             tracing::warn!(parent: &self.span, children = self.children.len(), "drain deadline passed: killing the children left");
             for pid in self.children.pids() {
                 let _ = kill(pid.nix(), Signal::SIGKILL);
             }
+            self.kill_all_execs();
             self.phase = Phase::Draining {
                 deadline: self.now + KILL_GRACE,
                 killed: true,
@@ -1327,6 +1332,7 @@ impl Bus {
                 }
             }
         }
+        self.reap_execs();
     }
 
     fn child_exited(&mut self, pid: Pid, status: ExitStatus) {
@@ -1580,6 +1586,7 @@ impl Drop for Bus {
         if std::process::id() != self.owner {
             return;
         }
+        self.abort_execs();
         // Close every link: children see the end of file and end their loops.
         let keys: Vec<usize> = self.links.drain().map(|(_, k)| k).collect();
         for key in keys {

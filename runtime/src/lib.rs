@@ -40,6 +40,8 @@
 //! - [`BusHandle`]: send and stop from other threads.
 //! - [`Bus::add_fd`] and [`Bus::add_timer`]: the application's descriptors and timers in the
 //!   same reactor.
+//! - [`Bus::exec`]: an external program, its output captured through the reactor, its result
+//!   reported once it exited and its pipes closed ([`exec`]).
 //!
 //! # Processes and descriptors
 //!
@@ -60,6 +62,7 @@ mod clock;
 mod control;
 pub mod daemon;
 mod error;
+pub mod exec;
 mod handle;
 pub mod identity;
 mod listener;
