@@ -265,6 +265,27 @@ impl Bus {
     /// call it before starting threads. One bus per process: a second one is refused
     /// ([`io::ErrorKind::AlreadyExists`]).
     pub fn root(config: BusConfig) -> io::Result<Self> {
+        Self::start(config, nonce(0))
+    }
+
+    /// The bus of a program started with `Bus::exec_node`, whose parent link is `link_fd`
+    /// (`crate::external`): like a root, but with a declared parent.
+    pub(crate) fn joined(
+        config: BusConfig,
+        incarnation: u32,
+        parent: NodeId,
+        link_fd: OwnedFd,
+    ) -> io::Result<Self> {
+        let mut bus = Self::start(config, incarnation)?;
+        let link = bus.add_link(link_fd, Some(parent), Relation::Parent)?;
+        bus.parent = Some(ParentInfo {
+            node: parent,
+            link: Some(link),
+        });
+        Ok(bus)
+    }
+
+    fn start(config: BusConfig, incarnation: u32) -> io::Result<Self> {
         let pid = std::process::id();
         // Another pid here is a bus inherited through a plain fork: not this process's.
         if BUS_PID.load(Ordering::SeqCst) == pid {
@@ -281,7 +302,7 @@ impl Bus {
                 return Err(e);
             }
         };
-        let me = NodeId::new(config.host, pid, nonce(0));
+        let me = NodeId::new(config.host, pid, incarnation);
         let name = config.name.clone();
         let built = Router::new(me, config.router.clone())
             .map_err(io::Error::from)
@@ -688,6 +709,24 @@ impl Bus {
                 Err(e)
             }
         }
+    }
+
+    /// Adopts a program started with `Bus::exec_node` as a child: `fd` is this side of its
+    /// socketpair. Unlike a forked child it knows nothing of the tree yet, so the hello and
+    /// the routing table go over the wire; its route is usable at once.
+    pub(crate) fn adopt_node(&mut self, fd: OwnedFd, pid: Pid, node: NodeId) -> io::Result<()> {
+        let now = self.now();
+        let link = self.router.handle_link_up(now, Some(node));
+        let link = self.register_link(fd, link, Some(node), Relation::Child(pid))?;
+        self.children.insert(
+            pid,
+            Child {
+                node,
+                link: Some(link),
+                state: ChildState::Running,
+            },
+        );
+        Ok(())
     }
 
     /// Sets the exit code this process uses when its loop ends (a child; the root does not

@@ -163,7 +163,7 @@ enum Identity {
 
 /// A program to run: its arguments, environment, directory, identity, standard streams and
 /// limits. Built like [`std::process::Command`]; run with [`Bus::exec`] (or as a node of the
-/// tree with `Bus::exec_node`). No shell is involved unless asked for with
+/// tree with [`Bus::exec_node`]). No shell is involved unless asked for with
 /// [`shell`](Self::shell).
 #[derive(Clone, Debug)]
 pub struct Command {
@@ -642,7 +642,7 @@ pub enum ExecError {
     /// The child did not reach `execve` within 30 seconds (a `chdir` into a hung mount,
     /// say); it was killed.
     SpawnTimedOut,
-    /// `Bus::exec_node` cannot do this (capture output, feed input, time out).
+    /// [`Bus::exec_node`] cannot do this (capture output, feed input, time out).
     NotForNode(&'static str),
     /// The bus is draining for shutdown and starts nothing more.
     ShuttingDown,
