@@ -362,7 +362,8 @@ impl Command {
     }
 
     /// Whether the program gets `SIGKILL` when this process dies (`PR_SET_PDEATHSIG`, set
-    /// after the privilege drop, which would clear it; default: yes).
+    /// after the privilege drop, which would clear it; default: yes). The kernel ties it to
+    /// the thread that called [`Bus::exec`]: the thread running the bus.
     #[must_use]
     pub fn die_with_parent(mut self, yes: bool) -> Self {
         self.die_with_parent = yes;
