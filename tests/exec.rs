@@ -310,6 +310,25 @@ fn failed_drop() -> Result<(), String> {
             out.success() && text(&out.stdout) == "65534\n65534\n65534\nnobody\n",
             || format!("as nobody: {:?} {:?}", text(&out.stdout), text(&out.stderr)),
         )?;
+        // The directory is entered after the drop, with the new user's permissions.
+        let private = dir.join("private");
+        std::fs::create_dir(&private).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(
+            &private,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| e.to_string())?;
+        let cmd = Command::shell(&touch)
+            .current_dir(&private)
+            .user(PrivilegeDrop::new("nobody"));
+        match bus.exec(&cmd, |_, _| {}) {
+            Err(ExecError::Spawn {
+                stage: SpawnStage::Chdir,
+                errno: Errno::EACCES,
+            }) => {}
+            other => return Err(format!("private directory as nobody: {other:?}")),
+        }
+        ensure(!marker.exists(), || "the program ran".to_string())?;
     } else {
         println!("  (not root: the successful drop is not tested)");
     }

@@ -26,9 +26,9 @@
 //!   child is checked before `fork` (NUL bytes, environment names, the user and groups, which
 //!   are looked up in the parent). In the child, between `fork` and `execve`, only
 //!   async-signal-safe system calls run, on memory prepared before `fork` (nothing is
-//!   allocated): `setpgid`, `dup2`, `close_range`, `chdir`, the privilege drop of
-//!   [`Credentials::apply`] (supplementary groups, group, user, then verified), the parent-death
-//!   signal, the signal mask, `execve`. Any failure is written to a close-on-exec pipe as a
+//!   allocated): `setpgid`, `dup2`, `close_range`, the privilege drop of
+//!   [`Credentials::apply`] (supplementary groups, group, user, then verified), `chdir` (with
+//!   the new identity's permissions), the parent-death signal, the signal mask, `execve`. Any failure is written to a close-on-exec pipe as a
 //!   stage and an `errno`, and the child `_exit`s: it never runs the program as the wrong user
 //!   or in the wrong directory. [`Bus::exec`] waits for that pipe (it closes at `execve`, a
 //!   matter of microseconds; never for the program itself) and returns
@@ -1132,12 +1132,6 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
         }
     }
     mark_cloexec_from(plan.close_from, report);
-    if let Some(dir) = plan.cwd {
-        // SAFETY: see above.
-        if unsafe { libc::chdir(dir.as_ptr()) } != 0 {
-            child_fail(report, SpawnStage::Chdir, Errno::last_raw());
-        }
-    }
     if let Some(creds) = plan.creds {
         if let Err(e) = creds.apply() {
             let (stage, errno) = match e {
@@ -1153,6 +1147,13 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
                 _ => (SpawnStage::VerifyCredentials, 0),
             };
             child_fail(report, stage, errno);
+        }
+    }
+    // After the drop: the directory is entered with the program's own permissions.
+    if let Some(dir) = plan.cwd {
+        // SAFETY: see above.
+        if unsafe { libc::chdir(dir.as_ptr()) } != 0 {
+            child_fail(report, SpawnStage::Chdir, Errno::last_raw());
         }
     }
     if plan.die_with_parent {
