@@ -354,7 +354,10 @@ impl Command {
     }
 
     /// Whether the program gets a process group of its own, which signals go to as a whole
-    /// (default: yes). Without one, they go to the program alone.
+    /// (default: yes). Without one, they go to the program alone. In a group of its own a
+    /// program is not in the terminal's foreground: with [`Input::Inherit`] from a terminal,
+    /// reading it stops the program (`SIGTTIN`), and `Ctrl-C` does not reach it (the bus's
+    /// `SIGINT` shutdown cancels it instead).
     #[must_use]
     pub fn process_group(mut self, yes: bool) -> Self {
         self.process_group = yes;
