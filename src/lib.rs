@@ -6,6 +6,7 @@
 
 pub use forkbus_router as router;
 pub use forkbus_runtime as runtime;
+pub use forkbus_runtime::exec;
 
 pub use forkbus_router::{
     Address, Destination, DownCause, LossReason, LossReport, LostEnvelope, MessageId, NodeId,

@@ -236,6 +236,8 @@ pub struct Bus {
     /// The signal mask to put back when the root bus is dropped.
     root_mask: Option<SigSet>,
     owner: u32,
+    /// Programs started with `exec` (`crate::exec`).
+    pub(crate) execs: crate::exec::ExecTable,
 }
 
 impl std::fmt::Debug for Bus {
@@ -263,6 +265,27 @@ impl Bus {
     /// call it before starting threads. One bus per process: a second one is refused
     /// ([`io::ErrorKind::AlreadyExists`]).
     pub fn root(config: BusConfig) -> io::Result<Self> {
+        Self::start(config, nonce(0))
+    }
+
+    /// The bus of a program started with `Bus::exec_node`, whose parent link is `link_fd`
+    /// (`crate::external`): like a root, but with a declared parent.
+    pub(crate) fn joined(
+        config: BusConfig,
+        incarnation: u32,
+        parent: NodeId,
+        link_fd: OwnedFd,
+    ) -> io::Result<Self> {
+        let mut bus = Self::start(config, incarnation)?;
+        let link = bus.add_link(link_fd, Some(parent), Relation::Parent)?;
+        bus.parent = Some(ParentInfo {
+            node: parent,
+            link: Some(link),
+        });
+        Ok(bus)
+    }
+
+    fn start(config: BusConfig, incarnation: u32) -> io::Result<Self> {
         let pid = std::process::id();
         // Another pid here is a bus inherited through a plain fork: not this process's.
         if BUS_PID.load(Ordering::SeqCst) == pid {
@@ -279,7 +302,7 @@ impl Bus {
                 return Err(e);
             }
         };
-        let me = NodeId::new(config.host, pid, nonce(0));
+        let me = NodeId::new(config.host, pid, incarnation);
         let name = config.name.clone();
         let built = Router::new(me, config.router.clone())
             .map_err(io::Error::from)
@@ -342,6 +365,7 @@ impl Bus {
             span,
             root_mask: None,
             owner: me.pid,
+            execs: crate::exec::ExecTable::default(),
         })
     }
 
@@ -682,6 +706,24 @@ impl Bus {
         }
     }
 
+    /// Adopts a program started with `Bus::exec_node` as a child: `fd` is this side of its
+    /// socketpair. Unlike a forked child it knows nothing of the tree yet, so the hello and
+    /// the routing table go over the wire; its route is usable at once.
+    pub(crate) fn adopt_node(&mut self, fd: OwnedFd, pid: Pid, node: NodeId) -> io::Result<()> {
+        let now = self.now();
+        let link = self.router.handle_link_up(now, Some(node));
+        let link = self.register_link(fd, link, Some(node), Relation::Child(pid))?;
+        self.children.insert(
+            pid,
+            Child {
+                node,
+                link: Some(link),
+                state: ChildState::Running,
+            },
+        );
+        Ok(())
+    }
+
     /// Sets the exit code this process uses when its loop ends (a child; the root does not
     /// exit). Without one: 0, or [`EXIT_PARENT_GONE`] when the parent went away.
     pub fn set_exit_code(&mut self, code: i32) {
@@ -935,6 +977,7 @@ impl Bus {
                 }
             }
         }
+        self.cancel_all_execs();
         self.internal.push_back(Internal::Shutdown);
     }
 
@@ -942,18 +985,19 @@ impl Bus {
         let Phase::Draining { deadline, killed } = self.phase else {
             return;
         };
-        if self.children.is_empty() && self.router.is_idle() {
+        if self.children.is_empty() && self.execs.is_empty() && self.router.is_idle() {
             self.finish_drain();
             return;
         }
         if self.now < deadline {
             return;
         }
-        if !self.children.is_empty() && !killed {
+        if (!self.children.is_empty() || !self.execs.is_empty()) && !killed {
             tracing::warn!(parent: &self.span, children = self.children.len(), "drain deadline passed: killing the children left");
             for pid in self.children.pids() {
                 let _ = kill(pid.nix(), Signal::SIGKILL);
             }
+            self.kill_all_execs();
             self.phase = Phase::Draining {
                 deadline: self.now + KILL_GRACE,
                 killed: true,
@@ -1335,6 +1379,7 @@ impl Bus {
                 }
             }
         }
+        self.reap_execs();
     }
 
     fn child_exited(&mut self, pid: Pid, status: ExitStatus) {
@@ -1588,6 +1633,7 @@ impl Drop for Bus {
         if std::process::id() != self.owner {
             return;
         }
+        self.abort_execs();
         // Close every link: children see the end of file and end their loops.
         let keys: Vec<usize> = self.links.drain().map(|(_, k)| k).collect();
         for key in keys {

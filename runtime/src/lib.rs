@@ -40,6 +40,9 @@
 //! - [`BusHandle`]: send and stop from other threads.
 //! - [`Bus::add_fd`] and [`Bus::add_timer`]: the application's descriptors and timers in the
 //!   same reactor.
+//! - [`Bus::exec`]: an external program, its output captured through the reactor, its result
+//!   reported once it exited and its pipes closed ([`exec`]); [`Bus::exec_node`] and
+//!   [`Bus::join_from_env`]: a program that joins the tree as a node ([`external`]).
 //!
 //! # Processes and descriptors
 //!
@@ -60,6 +63,8 @@ mod clock;
 mod control;
 pub mod daemon;
 mod error;
+pub mod exec;
+pub mod external;
 mod handle;
 pub mod identity;
 mod listener;
