@@ -19,27 +19,6 @@ pub enum SendError {
         /// The neighbour behind the full link, when known.
         peer: Option<NodeId>,
     },
-    /// The encoded envelope would exceed the frame limit.
-    TooLarge {
-        /// Size of the frame the envelope would need.
-        len: usize,
-        /// The configured limit.
-        max: usize,
-    },
-    /// Delivery receipts exist only for unicast destinations (node, pid, name).
-    ReceiptNeedsUnicast,
-    /// As many envelopes await a receipt as the configuration allows.
-    TooManyPendingReceipts {
-        /// The configured bound.
-        max: usize,
-    },
-    /// A name or group name is empty or too long.
-    InvalidName {
-        /// Its length in bytes.
-        len: usize,
-        /// The configured limit.
-        max: usize,
-    },
     /// The bus is draining for shutdown and takes no new envelopes.
     ShuttingDown,
     /// The bus behind a [`BusHandle`](crate::BusHandle) is gone.
@@ -50,7 +29,8 @@ pub enum SendError {
     /// The channel of a [`BusHandle`](crate::BusHandle) is full
     /// ([`try_send`](crate::BusHandle::try_send) only).
     HandleFull,
-    /// Another refusal of the routing core.
+    /// Another refusal of the routing core (too large, a receipt for a group, too many
+    /// pending receipts, an invalid name, ...).
     Router(forkbus_router::Error),
 }
 
@@ -60,21 +40,6 @@ impl fmt::Display for SendError {
             Self::Encode(e) => write!(f, "cannot encode the payload: {e}"),
             Self::QueueFull { peer: Some(p) } => write!(f, "the queue towards {p} is full"),
             Self::QueueFull { peer: None } => f.write_str("a link queue is full"),
-            Self::TooLarge { len, max } => {
-                write!(
-                    f,
-                    "envelope of {len} bytes exceeds the frame limit of {max}"
-                )
-            }
-            Self::ReceiptNeedsUnicast => {
-                f.write_str("delivery receipts need a unicast destination")
-            }
-            Self::TooManyPendingReceipts { max } => {
-                write!(f, "{max} envelopes already await a receipt")
-            }
-            Self::InvalidName { len, max } => {
-                write!(f, "name of {len} bytes is empty or longer than {max}")
-            }
             Self::ShuttingDown => f.write_str("the bus is shutting down"),
             Self::Disconnected => f.write_str("the bus is gone"),
             Self::OtherProcess => f.write_str("bus handle used in another process than its bus's"),
@@ -98,10 +63,6 @@ impl SendError {
         use forkbus_router::Error as E;
         match error {
             E::QueueFull { .. } => Self::QueueFull { peer },
-            E::PayloadTooLarge { len, max } => Self::TooLarge { len, max },
-            E::ReceiptNeedsUnicast => Self::ReceiptNeedsUnicast,
-            E::TooManyPendingReceipts { max } => Self::TooManyPendingReceipts { max },
-            E::InvalidName { len, max } => Self::InvalidName { len, max },
             other => Self::Router(other),
         }
     }
