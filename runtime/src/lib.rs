@@ -40,6 +40,9 @@
 //! - [`BusHandle`]: send and stop from other threads.
 //! - [`Bus::add_fd`] and [`Bus::add_timer`]: the application's descriptors and timers in the
 //!   same reactor.
+//! - [`Supervisor`] ([`supervisor`]): supervised children that restart with backoff and an
+//!   intensity limit, keep their names, recycle after N messages, answer heartbeats and
+//!   reload one at a time; [`TaskPool`] ([`pool`]): jobs with exactly one outcome each.
 //!
 //! # Processes and descriptors
 //!
@@ -64,9 +67,11 @@ mod handle;
 pub mod identity;
 mod listener;
 mod message;
+pub mod pool;
 mod reactor;
 pub mod shm;
 mod signals;
+pub mod supervisor;
 mod timer;
 
 pub use bus::{
@@ -79,7 +84,9 @@ pub use error::{BusError, DecodeError, ForkError, NameError, SendError};
 pub use handle::BusHandle;
 pub use listener::{Listener, ListenerId, PeerShutdown, Relation};
 pub use message::{decode, Message};
+pub use pool::{TaskId, TaskOutcome, TaskPool};
 pub use reactor::{describe_fd, FdId, FdReady, Interest};
+pub use supervisor::{should_stop, ChildSpec, Restart, SupervisionEvent, Supervisor};
 pub use timer::TimerId;
 
 pub use forkbus_router::{
