@@ -366,8 +366,15 @@ impl TaskPool {
     ) -> Result<Vec<TaskOutcome>, WaitError> {
         let ids: Vec<u64> = tasks.iter().map(|t| t.0).collect();
         let watch = ids.clone();
+        // Checked after every event: a cursor over the ids keeps it amortized O(1).
+        let cursor = std::cell::Cell::new(0usize);
         match supervisor::wait_pool(bus, self.sup.id(), timeout, move |p| {
-            watch.iter().all(|id| p.has_outcome(*id) || !p.knows(*id))
+            let mut i = cursor.get();
+            while i < watch.len() && (p.has_outcome(watch[i]) || !p.knows(watch[i])) {
+                i += 1;
+            }
+            cursor.set(i);
+            i == watch.len()
         }) {
             Ok(()) | Err(WaitError::Timeout) => {}
             Err(e) => return Err(e),

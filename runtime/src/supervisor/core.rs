@@ -764,6 +764,8 @@ impl Core {
         })
     }
 
+    /// The request limits of every process alive (retiring ones too: distinct limits then
+    /// hold for any two processes that are alive at the same time).
     fn live_limits(&self) -> Vec<u64> {
         let mut v = Vec::new();
         for s in &self.slots {
@@ -773,6 +775,7 @@ impl Core {
                     v.extend(proc.limit);
                 }
             }
+            v.extend(s.retiring.iter().filter_map(|p| p.limit));
         }
         v
     }

@@ -37,12 +37,12 @@
 //! link-level control frames from its children (`READY`, `PONG`, `RECYCLE`), `SIGHUP`
 //! and one timer of the bus armed at its next deadline. Restarts wait in a backoff state
 //! driven by that timer — the loop never sleeps. Events reach listeners as
-//! [`Listener::on_supervision`](crate::Listener::on_supervision).
+//! [`Listener::on_supervision`].
 //!
 //! In each supervised process an agent answers pings from its loop (so a process whose
 //! loop is blocked stays silent and is killed after the heartbeat timeout), says `READY`
 //! when its closure returned, counts handled messages (recycling), and turns a stop
-//! request into [`Listener::on_stopping`](crate::Listener::on_stopping) and
+//! request into [`Listener::on_stopping`] and
 //! [`should_stop`]; then it keeps serving until quiet for
 //! [`ChildSpec::drain_quiet`], drains (its replies acknowledged) and exits 0. A stop not
 //! honoured within [`ChildSpec::stop_timeout`] becomes `SIGKILL`.
@@ -55,14 +55,14 @@
 //! before its stop request, or the new one. Envelopes the old process held when it died
 //! are reported lost to their origins by the router (the link's lost list and loss
 //! notices); envelopes delivered to its application but not answered die with it — the
-//! origin learns of it from the node's withdrawal ([`Listener::on_node_down`](crate::Listener::on_node_down)).
+//! origin learns of it from the node's withdrawal ([`Listener::on_node_down`]).
 //! While no process holds the name, envelopes to it are reported lost (`no route`) —
 //! [`WhileDown::Queue`] is accepted but behaves the same for now (see the crate's notes).
 //!
 //! # Exits and waits
 //!
 //! Every process of a child ends in exactly one [`SupervisionEvent::Exited`] with its
-//! [`ExitStatus`](crate::ExitStatus) and what follows, whatever reaped it (the bus reaps in
+//! [`ExitStatus`] and what follows, whatever reaped it (the bus reaps in
 //! one place and never hands a status to anyone else). [`Supervisor::wait`] and
 //! [`Supervisor::wait_all`] run the loop until children are finished, with a timeout.
 
@@ -246,6 +246,11 @@ impl Supervisor {
         entry(bus, self.id).map_or_else(Vec::new, |e| {
             (0..e.core.len()).map(|i| ChildId(i as u32)).collect()
         })
+    }
+
+    /// The children whose current process is ready and running, with its pid.
+    pub fn running(&self, bus: &Bus) -> Vec<(ChildId, Pid)> {
+        entry(bus, self.id).map_or_else(Vec::new, |e| e.core.running())
     }
 
     /// The child a live process belongs to.
