@@ -16,7 +16,7 @@ use common::{ensure, nix_pid, run_until, Harness, Orphans, RootEnd};
 use forkbus::pool::{PoolConfig, TaskOptions, TaskResult};
 use forkbus::supervisor::{
     hold_stop, AfterExit, Backoff, ChildId, Finish, KillReason, StartReason, StopReason,
-    StopRequest,
+    StopRequest, WhileDown,
 };
 use forkbus::{
     should_stop, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, ForkOptions, Listener,
@@ -184,6 +184,8 @@ struct Tracker {
     lost_why: BTreeMap<String, u64>,
     per_pid: BTreeMap<u32, (u64, u64, u64)>,
     paused: bool,
+    /// Send to the name itself (resolved hop by hop), not to the node it resolves to here.
+    by_name: bool,
 }
 
 impl Tracker {
@@ -207,7 +209,11 @@ impl Tracker {
                 return Ok(());
             }
             let name = self.names[self.next_name % self.names.len()].clone();
-            let node = bus.router().resolve(&to::name(name.as_str()));
+            let node = if self.by_name {
+                None
+            } else {
+                bus.router().resolve(&to::name(name.as_str()))
+            };
             let to: Address = match node {
                 Some(n) => n.into(),
                 None => to::name(name.as_str()),
@@ -280,7 +286,8 @@ fn check_report(r: &Report) -> Result<(), String> {
     ensure(r.late == 0, || {
         format!("{} replies came for requests counted already", r.late)
     })?;
-    for (pid, (s, a, l)) in &r.per_pid {
+    // Per pid sent to (requests sent by name count only where they were answered).
+    for (pid, (s, a, l)) in r.per_pid.iter().filter(|(_, x)| x.0 > 0) {
         ensure(s == &(a + l), || {
             format!("pid {pid}: sent {s}, answered {a}, lost {l}")
         })?;
@@ -1110,6 +1117,109 @@ fn exits_waits_stops() -> Result<(), String> {
     common::shutdown(bus)
 }
 
+// ---------------------------------------------------------------------------------------
+// 8. A name held while its worker is down: up to the capacity, envelopes wait in the
+//    supervisor and are answered by the next process; beyond, they are reported lost.
+
+/// Waits for the word to go.
+struct Go(Rc<RefCell<bool>>);
+
+impl Listener for Go {
+    fn on_message(&mut self, _bus: &mut Bus, msg: &Message) {
+        if let Ok(Wire::KillNow) = msg.decode::<Wire>() {
+            *self.0.borrow_mut() = true;
+        }
+    }
+}
+
+fn queue_while_down() -> Result<(), String> {
+    let (mut bus, heard) = root_with_ear()?;
+    let sup = Supervisor::new(&mut bus);
+    let spec = ChildSpec::named("q")
+        .backoff(Backoff::new(
+            Duration::from_millis(700),
+            Duration::from_secs(2),
+        ))
+        .while_down(WhileDown::Queue { capacity: 10 });
+    let child = sup.spawn(&mut bus, spec, echo).map_err(|e| e.to_string())?;
+    sup.wait_ready(&mut bus, Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    let root = bus.pid();
+    let client = bus
+        .fork(ForkOptions::named("qclient"), move |bus| {
+            let go = Rc::new(RefCell::new(false));
+            bus.add_listener(0, Go(go.clone()));
+            let mut tracker = Tracker::new(&["q"], 30, 30);
+            tracker.by_name = true;
+            let t = tracked(bus, tracker);
+            let outcome = run_until(bus, Duration::from_secs(30), move |_| *go.borrow())
+                .and_then(|()| t.borrow_mut().pump(bus, 30))
+                .and_then(|()| {
+                    let t2 = t.clone();
+                    run_until(bus, Duration::from_secs(30), move |_| t2.borrow().done())
+                });
+            let mut report = t.borrow().report();
+            if let Err(e) = outcome {
+                report.outcome = e;
+            }
+            let _ = bus.send(root, &Wire::Report(report));
+        })
+        .map_err(|e| e.to_string())?;
+    let old = sup.pid(&bus, child).ok_or("no worker")?;
+    kill(nix_pid(old), Signal::SIGKILL).map_err(|e| e.to_string())?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        h.borrow()
+            .count(|e| matches!(e, SupervisionEvent::Exited { pid, .. } if *pid == old))
+            == 1
+    })?;
+    // The supervisor holds "q" now (announced before this message, on the same link).
+    ensure(
+        bus.router().resolve(&to::name("q")) == Some(bus.node()),
+        || "the supervisor does not hold the name".into(),
+    )?;
+    bus.send(client, &Wire::KillNow)
+        .map_err(|e| e.to_string())?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(60), move |_| {
+        h.borrow()
+            .messages
+            .iter()
+            .any(|(_, w)| matches!(w, Wire::Report(_)))
+    })?;
+    let report = heard
+        .borrow()
+        .messages
+        .iter()
+        .find_map(|(_, w)| match w {
+            Wire::Report(r) => Some(r.clone()),
+            _ => None,
+        })
+        .ok_or("no report")?;
+    let new = sup.pid(&bus, child).ok_or("no new worker")?;
+    println!(
+        "  30 sent while down: {} answered by {:?}, {} lost {:?}",
+        report.answered,
+        report.per_pid.keys().collect::<Vec<_>>(),
+        report.lost,
+        report.lost_why
+    );
+    ensure(report.outcome.is_empty(), || report.outcome.clone())?;
+    check_report(&report)?;
+    ensure(report.answered == 10 && report.lost == 20, || {
+        format!("answered {}, lost {}", report.answered, report.lost)
+    })?;
+    ensure(
+        report.per_pid.get(&new.as_raw()).map(|x| x.1) == Some(10),
+        || format!("answered by {:?}, the new worker is {new}", report.per_pid),
+    )?;
+    ensure(
+        bus.router().resolve(&to::name("q")).map(|n| n.pid) == Some(new.as_raw()),
+        || "the name did not move to the new worker".into(),
+    )?;
+    common::shutdown(bus)
+}
+
 fn main() {
     let mut h = Harness::new();
     h.run(
@@ -1149,6 +1259,11 @@ fn main() {
         "7_exits_waits_and_stops",
         Duration::from_secs(60),
         exits_waits_stops,
+    );
+    h.run(
+        "8_queue_while_down",
+        Duration::from_secs(60),
+        queue_while_down,
     );
     h.finish()
 }

@@ -1419,6 +1419,9 @@ impl Bus {
         match event {
             Event::Message { envelope, link } => {
                 let message = Message::new(envelope, link);
+                if crate::supervisor::intercept(self, &message) {
+                    return;
+                }
                 self.emit("on_message", |l, bus| l.on_message(bus, &message));
             }
             Event::Sent(id) => self.emit("on_sent", |l, bus| l.on_sent(bus, id)),

@@ -56,8 +56,10 @@
 //! are reported lost to their origins by the router (the link's lost list and loss
 //! notices); envelopes delivered to its application but not answered die with it — the
 //! origin learns of it from the node's withdrawal ([`Listener::on_node_down`]).
-//! While no process holds the name, envelopes to it are reported lost (`no route`) —
-//! [`WhileDown::Queue`] is accepted but behaves the same for now (see the crate's notes).
+//! While no process holds the name, envelopes to it are reported lost (`no route`) by
+//! default; with [`WhileDown::Queue`] the supervisor holds the name and up to `capacity`
+//! envelopes, and relays them to the next process once it is ready (see `relay.rs` for
+//! the wire and what origins see).
 //!
 //! # Exits and waits
 //!
@@ -71,12 +73,14 @@ mod core;
 mod error;
 mod policy;
 mod proto;
+mod relay;
 mod types;
 
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
-use forkbus_router::Timestamp;
+use forkbus_router::{LossReport, MessageId, NodeId, Timestamp};
 use nix::sys::signal::{kill, Signal};
 
 pub use agent::{hold_stop, ready, release_stop, should_stop};
@@ -148,7 +152,11 @@ struct Entry {
     config: SupervisorConfig,
     starts: Vec<StartFn>,
     timer: Option<(TimerId, Timestamp)>,
-    pub(crate) pool: Option<PoolState>,
+    pool: Option<PoolState>,
+    /// Names held for children that are down ([`WhileDown::Queue`]).
+    held: BTreeMap<ChildId, relay::Held>,
+    /// Relays in flight: relay id → the original envelope's origin and sequence number.
+    relays: HashMap<MessageId, (NodeId, u64)>,
 }
 
 type WaitCond = Box<dyn Fn(&Registry) -> bool>;
@@ -179,6 +187,8 @@ impl Supervisor {
             starts: Vec::new(),
             timer: None,
             pool: None,
+            held: BTreeMap::new(),
+            relays: HashMap::new(),
         }));
         bus.add_listener(PRIORITY, SupervisorListener { id });
         Self { id }
@@ -457,7 +467,7 @@ fn operate<R>(
 ) -> Option<R> {
     let mut entry = bus.supervision.supervisors.get_mut(id.0 as usize)?.take()?;
     let job = entry.pool.as_ref().map(PoolState::job);
-    let (result, events, mut outcomes) = {
+    let (result, mut events, mut outcomes) = {
         let mut shell = Shell {
             bus,
             starts: &entry.starts,
@@ -488,6 +498,8 @@ fn operate<R>(
             pool.keep(o);
         }
     }
+    let more = relay::after_events(bus, id, &mut entry, &events);
+    events.extend(more);
     rearm(bus, id, &mut entry);
     bus.supervision.supervisors[id.0 as usize] = Some(entry);
     for event in events {
@@ -595,7 +607,32 @@ impl Listener for SupervisorListener {
 
     fn on_shutdown(&mut self, bus: &mut Bus) {
         operate(bus, self.id, |core, _, fx| core.shutdown(fx));
+        relay::drop_held(bus, self.id);
     }
+
+    fn on_delivered(&mut self, bus: &mut Bus, id: MessageId) {
+        if let Some(Some(e)) = bus.supervision.supervisors.get_mut(self.id.0 as usize) {
+            e.relays.remove(&id);
+        }
+    }
+
+    fn on_lost(&mut self, bus: &mut Bus, report: &LossReport) {
+        let relay = match bus.supervision.supervisors.get_mut(self.id.0 as usize) {
+            Some(Some(e)) => e.relays.remove(&report.id),
+            _ => None,
+        };
+        if let Some((origin, seq)) = relay {
+            // A relay of a held envelope was lost: its origin hears of it.
+            relay::notify_lost(bus, origin, seq, report.reason);
+        }
+    }
+}
+
+/// An envelope delivered to this process, before any listener sees it: relays and loss
+/// notices of held names are unwrapped, envelopes for a held name are kept. `true`: taken
+/// care of.
+pub(crate) fn intercept(bus: &mut Bus, message: &crate::message::Message) -> bool {
+    relay::intercept(bus, message)
 }
 
 /// Whether a link control code is supervision's.

@@ -416,6 +416,14 @@ pub enum SupervisionEvent {
         /// Restarts within the window.
         restarts: u32,
     },
+    /// Envelopes held for a down child's name ([`WhileDown::Queue`]) that could be
+    /// neither relayed nor reported lost to their origins (the bus is draining).
+    HeldDropped {
+        /// The child.
+        child: ChildRef,
+        /// How many.
+        count: u64,
+    },
     /// A rolling reload began.
     ReloadStarted {
         /// The supervisor.
