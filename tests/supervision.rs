@@ -595,7 +595,9 @@ fn recycling_with_jitter() -> Result<(), String> {
     let sup = Supervisor::new(&mut bus);
     let names = ["w0", "w1", "w2", "w3"];
     for n in names {
-        let spec = ChildSpec::named(n).max_requests(60, 30);
+        let spec = ChildSpec::named(n)
+            .max_requests(60, 30)
+            .stop_timeout(Duration::from_secs(20));
         sup.spawn(&mut bus, spec, echo).map_err(|e| e.to_string())?;
     }
     sup.wait_ready(&mut bus, Duration::from_secs(20))
@@ -705,7 +707,7 @@ fn recycling_with_jitter() -> Result<(), String> {
 fn hung_worker() -> Result<(), String> {
     let (mut bus, heard) = root_with_ear()?;
     let sup = Supervisor::new(&mut bus);
-    let (interval, timeout) = (Duration::from_millis(100), Duration::from_millis(800));
+    let (interval, timeout) = (Duration::from_millis(200), Duration::from_millis(1500));
     let spec = ChildSpec::named("sleepy")
         .heartbeat(interval, timeout)
         .backoff(fast_backoff());
@@ -714,7 +716,7 @@ fn hung_worker() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let old = sup.pid(&bus, child).ok_or("no worker")?;
     // It answers heartbeats while idle: nothing happens for a while.
-    run_until(&mut bus, Duration::from_millis(1500), |_| false).ok();
+    run_until(&mut bus, Duration::from_millis(2500), |_| false).ok();
     ensure(sup.pid(&bus, child) == Some(old), || {
         "an idle worker was replaced".into()
     })?;
@@ -771,7 +773,7 @@ fn sighup_scenario(report: &common::Reporter) -> Result<(), String> {
     let sup = Supervisor::new(&mut bus);
     let names = ["r0", "r1", "r2", "r3"];
     for n in names {
-        let spec = ChildSpec::named(n).stop_timeout(Duration::from_secs(5));
+        let spec = ChildSpec::named(n).stop_timeout(Duration::from_secs(20));
         sup.spawn(&mut bus, spec, echo).map_err(|e| e.to_string())?;
     }
     sup.wait_ready(&mut bus, Duration::from_secs(20))
@@ -1136,35 +1138,49 @@ fn queue_while_down() -> Result<(), String> {
     let (mut bus, heard) = root_with_ear()?;
     let sup = Supervisor::new(&mut bus);
     let spec = ChildSpec::named("q")
-        .backoff(Backoff::new(
-            Duration::from_millis(700),
-            Duration::from_secs(2),
-        ))
+        .backoff(Backoff::new(Duration::from_secs(3), Duration::from_secs(3)))
         .while_down(WhileDown::Queue { capacity: 10 });
     let child = sup.spawn(&mut bus, spec, echo).map_err(|e| e.to_string())?;
     sup.wait_ready(&mut bus, Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
     let root = bus.pid();
+    // The client: in each round, waits for the word, then sends its requests by name.
     let client = bus
         .fork(ForkOptions::named("qclient"), move |bus| {
             let go = Rc::new(RefCell::new(false));
             bus.add_listener(0, Go(go.clone()));
-            let mut tracker = Tracker::new(&["q"], 30, 30);
-            tracker.by_name = true;
-            let t = tracked(bus, tracker);
-            let outcome = run_until(bus, Duration::from_secs(30), move |_| *go.borrow())
-                .and_then(|()| t.borrow_mut().pump(bus, 30))
-                .and_then(|()| {
-                    let t2 = t.clone();
-                    run_until(bus, Duration::from_secs(30), move |_| t2.borrow().done())
-                });
-            let mut report = t.borrow().report();
-            if let Err(e) = outcome {
-                report.outcome = e;
+            for n in [30u64, 5] {
+                *go.borrow_mut() = false;
+                let mut tracker = Tracker::new(&["q"], n, 30);
+                tracker.by_name = true;
+                let t = tracked(bus, tracker);
+                let g = go.clone();
+                let outcome = run_until(bus, Duration::from_secs(30), move |_| *g.borrow())
+                    .and_then(|()| t.borrow_mut().pump(bus, 30))
+                    .and_then(|()| {
+                        let t2 = t.clone();
+                        run_until(bus, Duration::from_secs(30), move |_| t2.borrow().done())
+                    });
+                let mut report = t.borrow().report();
+                if let Err(e) = outcome {
+                    report.outcome = e;
+                }
+                let _ = bus.send(root, &Wire::Report(report));
             }
-            let _ = bus.send(root, &Wire::Report(report));
         })
         .map_err(|e| e.to_string())?;
+    let reports = |heard: &Rc<RefCell<Heard>>| -> Vec<Report> {
+        heard
+            .borrow()
+            .messages
+            .iter()
+            .filter_map(|(_, w)| match w {
+                Wire::Report(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    // Round 1: 30 requests while the worker is down; the capacity is 10.
     let old = sup.pid(&bus, child).ok_or("no worker")?;
     kill(nix_pid(old), Signal::SIGKILL).map_err(|e| e.to_string())?;
     let h = heard.clone();
@@ -1182,20 +1198,9 @@ fn queue_while_down() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let h = heard.clone();
     run_until(&mut bus, Duration::from_secs(60), move |_| {
-        h.borrow()
-            .messages
-            .iter()
-            .any(|(_, w)| matches!(w, Wire::Report(_)))
+        reports(&h).len() == 1
     })?;
-    let report = heard
-        .borrow()
-        .messages
-        .iter()
-        .find_map(|(_, w)| match w {
-            Wire::Report(r) => Some(r.clone()),
-            _ => None,
-        })
-        .ok_or("no report")?;
+    let report = reports(&heard)[0].clone();
     let new = sup.pid(&bus, child).ok_or("no new worker")?;
     println!(
         "  30 sent while down: {} answered by {:?}, {} lost {:?}",
@@ -1217,6 +1222,45 @@ fn queue_while_down() -> Result<(), String> {
         bus.router().resolve(&to::name("q")).map(|n| n.pid) == Some(new.as_raw()),
         || "the name did not move to the new worker".into(),
     )?;
+    // Round 2: 5 requests held, then the child is stopped for good: they are reported lost
+    // to the client (destination down), not dropped.
+    sup.wait_ready(&mut bus, Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    kill(nix_pid(new), Signal::SIGKILL).map_err(|e| e.to_string())?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        h.borrow()
+            .count(|e| matches!(e, SupervisionEvent::Exited { pid, .. } if *pid == new))
+            == 1
+    })?;
+    let delivered = bus.router().stats().delivered;
+    bus.send(client, &Wire::KillNow)
+        .map_err(|e| e.to_string())?;
+    run_until(&mut bus, Duration::from_secs(20), move |b| {
+        b.router().stats().delivered >= delivered + 5
+    })?;
+    ensure(sup.stop_child(&mut bus, child), || "not stopped".into())?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(60), move |_| {
+        reports(&h).len() == 2
+    })?;
+    let report = reports(&heard)[1].clone();
+    println!(
+        "  5 held, then the child stopped: {} answered, {} lost {:?}",
+        report.answered, report.lost, report.lost_why
+    );
+    ensure(report.outcome.is_empty(), || report.outcome.clone())?;
+    ensure(
+        report.lost == 5 && report.lost_why.get("destination down") == Some(&5),
+        || format!("round 2: {report:?}"),
+    )?;
+    ensure(
+        sup.outcome(&bus, child).map(|o| o.finish) == Some(Finish::Stopped),
+        || "the child did not finish stopped".into(),
+    )?;
+    ensure(bus.router().resolve(&to::name("q")).is_none(), || {
+        "the supervisor kept the name".into()
+    })?;
     common::shutdown(bus)
 }
 

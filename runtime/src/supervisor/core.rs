@@ -238,6 +238,12 @@ impl Core {
             .is_some_and(|s| matches!(s.state, SlotState::Done(_)) && s.retiring.is_empty())
     }
 
+    /// Whether no process of a child will start again (some may still be retiring).
+    pub(crate) fn is_done(&self, child: ChildId) -> bool {
+        self.slot(child)
+            .is_some_and(|s| matches!(s.state, SlotState::Done(_)))
+    }
+
     /// Whether every child is finished.
     pub(crate) fn all_finished(&self) -> bool {
         (0..self.slots.len()).all(|i| self.is_finished(ChildId(i as u32)))
@@ -256,6 +262,10 @@ impl Core {
             }),
             _ => None,
         }
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down
     }
 
     pub(crate) fn is_reloading(&self) -> bool {

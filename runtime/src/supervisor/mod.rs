@@ -467,6 +467,7 @@ fn operate<R>(
 ) -> Option<R> {
     let mut entry = bus.supervision.supervisors.get_mut(id.0 as usize)?.take()?;
     let job = entry.pool.as_ref().map(PoolState::job);
+    let draining = bus.is_stopping() && !entry.core.is_shutting_down();
     let (result, mut events, mut outcomes) = {
         let mut shell = Shell {
             bus,
@@ -475,6 +476,10 @@ fn operate<R>(
             events: Vec::new(),
             outcomes: Vec::new(),
         };
+        if draining {
+            // The bus began to drain and the listener has not heard yet: start nothing.
+            entry.core.shutdown(&mut shell);
+        }
         let r = op(&mut entry.core, entry.pool.as_mut(), &mut shell);
         (r, shell.events, shell.outcomes)
     };

@@ -183,25 +183,28 @@ pub(super) fn after_events(
                 let node = bus.child_node(*pid);
                 release(bus, entry, child.child, node);
             }
-            SupervisionEvent::Exited {
-                child,
-                next: super::AfterExit::Finished(_),
-                ..
-            }
-            | SupervisionEvent::GaveUp { child, .. } => {
-                if let Some(n) = release(bus, entry, child.child, None) {
-                    if n > 0 {
-                        more.push(SupervisionEvent::HeldDropped {
-                            child: ChildRef {
-                                supervisor: sup,
-                                child: child.child,
-                            },
-                            count: n,
-                        });
-                    }
-                }
-            }
             _ => {}
+        }
+    }
+    // A child that will not start again (given up, stopped, the bus draining) hands its
+    // name back and reports what it held.
+    let done: Vec<ChildId> = entry
+        .held
+        .keys()
+        .copied()
+        .filter(|c| entry.core.is_done(*c))
+        .collect();
+    for child in done {
+        if let Some(n) = release(bus, entry, child, None) {
+            if n > 0 {
+                more.push(SupervisionEvent::HeldDropped {
+                    child: ChildRef {
+                        supervisor: sup,
+                        child,
+                    },
+                    count: n,
+                });
+            }
         }
     }
     more
