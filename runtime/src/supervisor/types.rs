@@ -17,6 +17,7 @@ impl fmt::Display for SupervisorId {
 }
 
 /// A supervised child of a supervisor: stable across the processes that incarnate it.
+/// Meaningful only to the supervisor that returned it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChildId(pub(crate) u32);
 
@@ -74,8 +75,18 @@ pub enum WhileDown {
     #[default]
     Lose,
     /// The supervisor takes the name and holds up to `capacity` of them, passing them on to
-    /// the next process once it is up. See [`Supervisor`](super::Supervisor) for what the
-    /// origins see.
+    /// the next process once it is ready, with their origin and id (the worker answers
+    /// their origins as usual). Beyond the capacity the name is given up (the router
+    /// reports further envelopes lost); held envelopes that cannot be passed on (the relay
+    /// is lost, the child is stopped or given up on) are reported to their origins'
+    /// [`Listener::on_lost`](crate::Listener::on_lost).
+    ///
+    /// Caveats (the router cannot relay an envelope it delivered): an origin that asked
+    /// for a receipt hears "delivered" when the supervisor took the envelope; relays and
+    /// notices are envelopes whose payload starts with the CBOR tag head
+    /// `0xDA 'F' 'B' 'R'`, reserved; envelopes held when the bus begins a shutdown can no
+    /// longer be reported to their origins (sends are refused) and are counted in
+    /// [`SupervisionEvent::HeldDropped`].
     Queue {
         /// Envelopes held at most; beyond, the name is given up and the router reports
         /// further envelopes lost.
