@@ -64,6 +64,17 @@ impl fmt::Display for ReloadError {
 
 impl std::error::Error for ReloadError {}
 
+impl From<ReloadError> for io::Error {
+    fn from(e: ReloadError) -> Self {
+        let kind = match e {
+            ReloadError::InProgress => io::ErrorKind::WouldBlock,
+            ReloadError::NoSuchSupervisor => io::ErrorKind::NotFound,
+            ReloadError::ShuttingDown => io::ErrorKind::Other,
+        };
+        Self::new(kind, e)
+    }
+}
+
 /// A blocking wait ended without its answer.
 #[derive(Debug)]
 #[non_exhaustive]

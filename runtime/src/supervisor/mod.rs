@@ -369,6 +369,11 @@ fn validate(bus: &Bus, spec: &ChildSpec) -> Result<(), SuperviseError> {
             ));
         }
     }
+    if spec.max_requests.is_some_and(|m| m.base == 0) {
+        return Err(SuperviseError::InvalidSpec(
+            "max_requests must allow at least one message",
+        ));
+    }
     if spec.intensity.within.is_zero() {
         return Err(SuperviseError::InvalidSpec(
             "intensity window must be positive",
