@@ -186,6 +186,8 @@ struct Tracker {
     paused: bool,
     /// Send to the name itself (resolved hop by hop), not to the node it resolves to here.
     by_name: bool,
+    /// Requests sent to a name that resolves to nothing here, at most (then wait for it).
+    unresolved_budget: u64,
 }
 
 impl Tracker {
@@ -194,6 +196,7 @@ impl Tracker {
             names: names.iter().map(|s| (*s).to_owned()).collect(),
             total,
             window,
+            unresolved_budget: 200,
             ..Self::default()
         }
     }
@@ -216,7 +219,14 @@ impl Tracker {
             };
             let to: Address = match node {
                 Some(n) => n.into(),
-                None => to::name(name.as_str()),
+                None if self.by_name => to::name(name.as_str()),
+                // Down: a few requests to the bare name (reported lost: no route), then
+                // wait for it to come back.
+                None if self.unresolved_budget > 0 => {
+                    self.unresolved_budget -= 1;
+                    to::name(name.as_str())
+                }
+                None => return Ok(()),
             };
             let seq = self.next_seq;
             match bus.send(to, &Wire::Req { seq }) {
@@ -861,12 +871,59 @@ fn sighup_driver(d: &mut common::Driver) -> Result<(), String> {
 // 6. A task pool: 10,000 jobs over 4 workers with one killed mid-way: results + losses =
 //    jobs; then idempotent jobs survive a kill by being sent again once.
 
+/// The jobs that stall their worker for a second, telling the root which worker that is
+/// (on a pipe: the worker's loop is blocked, its bus writes nothing meanwhile).
+const STALL_A: u64 = 3000;
+const STALL_B: u64 = 21_000;
+
+/// Reads the pid a stalled worker wrote, if any.
+fn read_stalled(rd: &std::os::fd::OwnedFd) -> Option<Pid> {
+    let mut fds = [nix::poll::PollFd::new(
+        rd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    match nix::poll::poll(&mut fds, 0u16) {
+        Ok(n) if n > 0 => {
+            let mut b = [0u8; 4];
+            match nix::unistd::read(rd.as_fd(), &mut b) {
+                Ok(4) => Some(Pid::from_raw(u32::from_le_bytes(b))),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Runs the loop until a stalled worker tells its pid, and kills it.
+fn kill_stalled(bus: &mut Bus, rd: &Rc<std::os::fd::OwnedFd>) -> Result<Pid, String> {
+    let found = Rc::new(RefCell::new(None));
+    let (f, r) = (found.clone(), rd.clone());
+    run_until(bus, Duration::from_secs(60), move |_| {
+        if f.borrow().is_none() {
+            *f.borrow_mut() = read_stalled(&r);
+        }
+        f.borrow().is_some()
+    })?;
+    let victim = found.borrow().ok_or("no stalled worker")?;
+    kill(nix_pid(victim), Signal::SIGKILL).map_err(|e| e.to_string())?;
+    Ok(victim)
+}
+
 fn task_pool() -> Result<(), String> {
     let (mut bus, heard) = root_with_ear()?;
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+    let wfd: RawFd = std::os::fd::AsRawFd::as_raw_fd(&wr);
+    let rd = Rc::new(rd);
     let config = PoolConfig::new(4).named("tasks");
-    // Each job takes a little time, so that a killed worker holds some.
-    let pool = TaskPool::start(&mut bus, config, |_bus, n: u64| {
+    let pool = TaskPool::start(&mut bus, config, move |bus, n: u64| {
+        // Each job takes a little time, so that workers hold some when one is killed.
         std::thread::sleep(Duration::from_micros(100));
+        if n == STALL_A || n == STALL_B {
+            // SAFETY: the pipe's write end, inherited by this forked worker and open.
+            let fd = unsafe { BorrowedFd::borrow_raw(wfd) };
+            let _ = nix::unistd::write(fd, &bus.pid().as_raw().to_le_bytes());
+            std::thread::sleep(Duration::from_secs(1));
+        }
         n.wrapping_mul(3)
     })
     .map_err(|e| e.to_string())?;
@@ -878,17 +935,12 @@ fn task_pool() -> Result<(), String> {
     for n in 0..jobs {
         ids.push(pool.submit(&mut bus, &n).map_err(|e| e.to_string())?);
     }
-    // Kill a worker once 3,000 outcomes came.
-    let h = heard.clone();
-    run_until(&mut bus, Duration::from_secs(60), move |_| {
-        h.borrow().tasks.len() >= 3000
-    })?;
-    let victim = pool.supervisor().pids(&bus)[0];
-    kill(nix_pid(victim), Signal::SIGKILL).map_err(|e| e.to_string())?;
-    let at_kill = pool.stats(&bus);
+    // Kill the worker that holds job 3000 (stalled in it), mid-way.
+    let victim = kill_stalled(&mut bus, &rd)?;
     println!(
-        "  killed {victim} with {} outcomes in: {at_kill:?}",
-        heard.borrow().tasks.len()
+        "  killed {victim} with {} outcomes in: {:?}",
+        heard.borrow().tasks.len(),
+        pool.stats(&bus)
     );
     let outcomes = pool
         .wait_many(&mut bus, &ids, Duration::from_secs(60))
@@ -897,7 +949,7 @@ fn task_pool() -> Result<(), String> {
         format!("{} outcomes for {} jobs", outcomes.len(), ids.len())
     })?;
     let mut done = 0u64;
-    let mut lost = 0u64;
+    let mut lost = BTreeSet::new();
     for (o, n) in outcomes.iter().zip(0u64..) {
         match &o.result {
             TaskResult::Done(_) => {
@@ -908,40 +960,42 @@ fn task_pool() -> Result<(), String> {
             }
             TaskResult::Lost { worker } => {
                 ensure(*worker == victim, || format!("{} lost at {worker}", o.task))?;
-                lost += 1;
+                lost.insert(n);
             }
             other => return Err(format!("{}: {other:?}", o.task)),
         }
     }
+    let lost_n = lost.len() as u64;
     let stats = pool.stats(&bus);
     let events = heard.borrow().tasks.len();
-    println!("  {jobs} jobs: {done} results + {lost} lost (worker {victim} killed); {events} on_task events");
-    ensure(done + lost == jobs, || format!("{done} + {lost} != {jobs}"))?;
+    println!(
+        "  {jobs} jobs: {done} results + {lost_n} lost (worker {victim} killed); {events} on_task events"
+    );
+    ensure(done + lost_n == jobs, || {
+        format!("{done} + {lost_n} != {jobs}")
+    })?;
+    ensure(lost.contains(&STALL_A), || {
+        format!("the stalled job is not among the lost: {lost:?}")
+    })?;
     ensure(events as u64 == jobs, || format!("{events} on_task events"))?;
-    ensure(stats.lost == lost && stats.done == done, || {
+    ensure(stats.lost == lost_n && stats.done == done, || {
         format!("stats {stats:?}")
     })?;
     ensure(!pool.supervisor().pids(&bus).contains(&victim), || {
         "the killed worker is still counted".into()
     })?;
-    // Idempotent jobs: a kill mid-way costs nothing, each is sent again once.
+    // Idempotent jobs: the killed worker's jobs are sent again, once, and all succeed.
     pool.supervisor()
         .wait_ready(&mut bus, Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
     let mut ids = Vec::new();
-    for n in 0..2000u64 {
+    for n in 20_000..22_000u64 {
         let id = pool
             .submit_with(&mut bus, &n, TaskOptions::default().idempotent())
             .map_err(|e| e.to_string())?;
         ids.push(id);
     }
-    let seen = heard.borrow().tasks.len();
-    let h = heard.clone();
-    run_until(&mut bus, Duration::from_secs(60), move |_| {
-        h.borrow().tasks.len() >= seen + 500
-    })?;
-    let victim = pool.supervisor().pids(&bus)[1];
-    kill(nix_pid(victim), Signal::SIGKILL).map_err(|e| e.to_string())?;
+    let victim = kill_stalled(&mut bus, &rd)?;
     let outcomes = pool
         .wait_many(&mut bus, &ids, Duration::from_secs(60))
         .map_err(|e| e.to_string())?;
@@ -949,11 +1003,20 @@ fn task_pool() -> Result<(), String> {
         .iter()
         .filter(|o| matches!(o.result, TaskResult::Done(_)))
         .count();
-    let retried = pool.stats(&bus).retried;
-    println!("  2000 idempotent jobs: {done2} results, {retried} sent again after a kill");
+    let retried = outcomes.iter().filter(|o| o.retried).count();
+    println!(
+        "  2000 idempotent jobs: {done2} results, {retried} sent again after {victim} was killed"
+    );
     ensure(done2 == 2000, || {
         format!("{done2} of 2000 idempotent jobs done")
     })?;
+    ensure(
+        outcomes
+            .iter()
+            .any(|o| o.retried && o.value::<u64>().and_then(Result::ok) == Some(STALL_B * 3)),
+        || "the stalled idempotent job was not sent again".into(),
+    )?;
+    drop(wr);
     common::shutdown(bus)
 }
 
