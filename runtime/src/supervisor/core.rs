@@ -409,6 +409,7 @@ impl Core {
                 });
             }
             Place::Next => {
+                // `find` placed the pid in `next`: it is a starting replacement.
                 let reason = match &mut self.slots[i].state {
                     SlotState::Up { next, .. } => match next.take() {
                         Some(Next::Starting { reason, .. }) => reason,
@@ -428,6 +429,7 @@ impl Core {
                 self.replacement_failed(child, now, reason, fx);
             }
             Place::Current => {
+                // Taken out whole; every branch below sets the slot's new state.
                 let SlotState::Up { current, next } =
                     std::mem::replace(&mut self.slots[i].state, SlotState::Done(Finish::Shutdown))
                 else {

@@ -478,7 +478,7 @@ pub struct ChildOutcome {
     pub name: Option<String>,
     /// How it ended.
     pub finish: Finish,
-    /// The exit of its last process.
+    /// The exit status of the last of its processes to exit.
     pub last: Option<ExitStatus>,
     /// Processes it had.
     pub generations: u32,
