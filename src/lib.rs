@@ -2,7 +2,8 @@
 //!
 //! This facade re-exports the routing core ([`router`]) and the runtime ([`runtime`]), and
 //! at its root the names a program needs: [`Bus`], [`Listener`], [`Message`], addresses
-//! ([`Address`], [`Destination`], [`to`]) and outcomes ([`LossReason`], [`PeerShutdown`]).
+//! ([`Address`], [`Destination`], [`to`]) and outcomes ([`LossReason`], [`PeerShutdown`]),
+//! and process management: [`Supervisor`] ([`supervisor`]) and [`TaskPool`] ([`pool`]).
 
 pub use forkbus_router as router;
 pub use forkbus_runtime as runtime;
@@ -16,6 +17,10 @@ pub use forkbus_runtime::{
     monotonic_now, to, Bus, BusConfig, BusError, BusHandle, DecodeError, Descriptors, ExitStatus,
     FdId, FdReady, ForkError, ForkOptions, Interest, Listener, ListenerId, Message, NameError,
     PeerShutdown, Pid, Relation, SendError, Stop, Tally, TimerId,
+};
+pub use forkbus_runtime::{
+    pool, should_stop, supervisor, ChildSpec, Restart, SupervisionEvent, Supervisor, TaskId,
+    TaskOutcome, TaskPool,
 };
 
 /// The README's examples, compiled and run as doctests so that they stay true.

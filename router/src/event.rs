@@ -37,7 +37,8 @@ pub enum LossReason {
 }
 
 impl LossReason {
-    pub(crate) fn code(self) -> u64 {
+    /// The reason's number on the wire (loss notices).
+    pub fn code(self) -> u64 {
         match self {
             Self::PeerDown(WriteState::NeverWritten) => 0,
             Self::PeerDown(WriteState::PartiallyWritten) => 1,
@@ -51,7 +52,8 @@ impl LossReason {
         }
     }
 
-    pub(crate) fn from_code(code: u64) -> Option<Self> {
+    /// The reason with this wire number, if any.
+    pub fn from_code(code: u64) -> Option<Self> {
         Some(match code {
             0 => Self::PeerDown(WriteState::NeverWritten),
             1 => Self::PeerDown(WriteState::PartiallyWritten),

@@ -180,6 +180,17 @@ enum Internal {
     Error(BusError),
     Shutdown,
     Signal(i32),
+    /// Work to run at the loop's top level (where listeners may be called).
+    Deferred(Deferred),
+}
+
+/// A closure run at the loop's top level ([`Bus::defer`]).
+struct Deferred(Box<dyn FnOnce(&mut Bus)>);
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deferred")
+    }
 }
 
 /// This process's parent, for a child.
@@ -238,6 +249,8 @@ pub struct Bus {
     owner: u32,
     /// Programs started with `exec` (`crate::exec`).
     pub(crate) execs: crate::exec::ExecTable,
+    /// Supervisors of this process, and its agent when it is a supervised worker.
+    pub(crate) supervision: crate::supervisor::Registry,
 }
 
 impl std::fmt::Debug for Bus {
@@ -366,6 +379,7 @@ impl Bus {
             root_mask: None,
             owner: me.pid,
             execs: crate::exec::ExecTable::default(),
+            supervision: crate::supervisor::Registry::default(),
         })
     }
 
@@ -728,6 +742,29 @@ impl Bus {
     /// exit). Without one: 0, or [`EXIT_PARENT_GONE`] when the parent went away.
     pub fn set_exit_code(&mut self, code: i32) {
         self.exit_code = Some(code);
+    }
+
+    /// Queues a link-level control frame for a neighbour (a child by pid, or the parent);
+    /// `false` when there is no open link to it.
+    pub(crate) fn send_link_control(&mut self, to: Relation, code: u32, data: Vec<u8>) -> bool {
+        let link = match to {
+            Relation::Parent => self.parent.and_then(|p| p.link),
+            Relation::Child(pid) => self.children.get_mut(pid).and_then(|c| c.link),
+            Relation::Attached => None,
+        };
+        link.is_some_and(|l| self.router.send_control(l, code, data).is_ok())
+    }
+
+    /// Runs `work` at the loop's top level after the current event, where it may call
+    /// listeners ([`emit`](Self::emit)).
+    pub(crate) fn defer(&mut self, work: impl FnOnce(&mut Self) + 'static) {
+        self.internal
+            .push_back(Internal::Deferred(Deferred(Box::new(work))));
+    }
+
+    /// Whether the loop is running (a blocking wait from inside it would nest).
+    pub(crate) fn in_loop(&self) -> bool {
+        self.running
     }
 
     // -----------------------------------------------------------------------------------
@@ -1435,6 +1472,9 @@ impl Bus {
         match event {
             Event::Message { envelope, link } => {
                 let message = Message::new(envelope, link);
+                if crate::supervisor::intercept(self, &message) {
+                    return;
+                }
                 self.emit("on_message", |l, bus| l.on_message(bus, &message));
             }
             Event::Sent(id) => self.emit("on_sent", |l, bus| l.on_sent(bus, id)),
@@ -1539,6 +1579,11 @@ impl Bus {
             Some(Source::Link(l)) => l.relation,
             _ => return,
         };
+        if crate::supervisor::is_control(code)
+            && crate::supervisor::on_control(self, relation, code, data)
+        {
+            return;
+        }
         match (code, relation) {
             (CONTROL_SHUTDOWN, Relation::Parent) => self.begin_drain(),
             (CONTROL_TALLY, Relation::Child(pid)) => match crate::message::decode::<Tally>(data) {
@@ -1578,6 +1623,7 @@ impl Bus {
             }
             Internal::Shutdown => self.emit("on_shutdown", |l, bus| l.on_shutdown(bus)),
             Internal::Signal(signal) => self.emit("on_signal", |l, bus| l.on_signal(bus, signal)),
+            Internal::Deferred(Deferred(work)) => work(self),
         }
     }
 
@@ -1587,7 +1633,13 @@ impl Bus {
         });
     }
 
-    fn emit(&mut self, method: &'static str, call: impl FnMut(&mut dyn Listener, &mut Self)) {
+    /// Calls every listener (only from the loop's top level: a deferred closure, a timer,
+    /// a runtime event; never from inside a listener).
+    pub(crate) fn emit(
+        &mut self,
+        method: &'static str,
+        call: impl FnMut(&mut dyn Listener, &mut Self),
+    ) {
         self.emit_filtered(method, None, call);
     }
 

@@ -43,6 +43,9 @@
 //! - [`Bus::exec`]: an external program, its output captured through the reactor, its result
 //!   reported once it exited and its pipes closed ([`exec`]); [`Bus::exec_node`] and
 //!   [`Bus::join_from_env`]: a program that joins the tree as a node ([`external`]).
+//! - [`Supervisor`] ([`supervisor`]): supervised children that restart with backoff and an
+//!   intensity limit, keep their names, recycle after N messages, answer heartbeats and
+//!   reload one at a time; [`TaskPool`] ([`pool`]): jobs with exactly one outcome each.
 //!
 //! # Processes and descriptors
 //!
@@ -69,9 +72,11 @@ mod handle;
 pub mod identity;
 mod listener;
 mod message;
+pub mod pool;
 mod reactor;
 pub mod shm;
 mod signals;
+pub mod supervisor;
 mod timer;
 
 pub use bus::{
@@ -84,7 +89,9 @@ pub use error::{BusError, DecodeError, ForkError, NameError, SendError};
 pub use handle::BusHandle;
 pub use listener::{Listener, ListenerId, PeerShutdown, Relation};
 pub use message::{decode, Message};
+pub use pool::{TaskId, TaskOutcome, TaskPool};
 pub use reactor::{describe_fd, FdId, FdReady, Interest};
+pub use supervisor::{should_stop, ChildSpec, Restart, SupervisionEvent, Supervisor};
 pub use timer::TimerId;
 
 pub use forkbus_router::{

@@ -8,6 +8,8 @@ use crate::bus::Bus;
 use crate::child::{ExitStatus, Pid};
 use crate::error::BusError;
 use crate::message::Message;
+use crate::pool::TaskOutcome;
+use crate::supervisor::{StopRequest, SupervisionEvent};
 
 /// Receives what happens on the bus. Every method does nothing by default.
 ///
@@ -79,6 +81,26 @@ pub trait Listener {
     /// A signal the loop does not handle itself arrived (today `SIGHUP`).
     fn on_signal(&mut self, bus: &mut Bus, signal: i32) {
         let _ = (bus, signal);
+    }
+
+    /// A supervisor of this process (or one in a child process that gave up on a child)
+    /// reports on its children: starts, exits with their status (one per process, whatever
+    /// path reaped it), kills and why, recycling, reloads, giving up.
+    fn on_supervision(&mut self, bus: &mut Bus, event: &SupervisionEvent) {
+        let _ = (bus, event);
+    }
+
+    /// This process is a supervised worker and its supervisor asks it to stop (recycling,
+    /// reload, a stop request): finish what is in hand. Unless a listener calls
+    /// [`hold_stop`](crate::supervisor::hold_stop), the worker keeps serving until quiet,
+    /// then drains and exits 0; past the deadline it is killed.
+    fn on_stopping(&mut self, bus: &mut Bus, request: &StopRequest) {
+        let _ = (bus, request);
+    }
+
+    /// A job of a task pool this process owns ended (exactly once per job).
+    fn on_task(&mut self, bus: &mut Bus, outcome: &TaskOutcome) {
+        let _ = (bus, outcome);
     }
 }
 
