@@ -621,7 +621,7 @@ struct Kill {
 
 struct Root {
     args: Args,
-    me: Weak<RefCell<Root>>,
+    me: Weak<RefCell<Self>>,
     models: [Mlp; 2],
     members: Vec<Member>,
     workers: Vec<usize>,
@@ -1313,11 +1313,11 @@ fn print_loss_report(st: &Root) {
     {
         println!(
             "{parent}'s supervisor restarted it: {} is pid {new} now (its {} process), ready \
-             {} ms after the old one was reaped, on model v{} (the version {parent} held when \
-             it forked it).",
+             {:.1} ms after the old one was reaped, on model v{} (the version {parent} held \
+             when it forked it).",
             victim.name,
             ordinal(*generation),
-            format!("{:.1}", *down_us as f64 / 1e3),
+            *down_us as f64 / 1e3,
             victim.born
         );
     } else if k.back_at.is_none() {
