@@ -5,9 +5,11 @@
 //! cargo run --release --example model_workers -- --shards 3 --workers 4 --requests 5000
 //! ```
 //!
-//! A root forks a tree: shard supervisors, each with its workers. Every worker builds a small
-//! model in memory at start (a seeded 16→64→64→8 MLP, tanh and ReLU layers, no file, no
-//! download) and answers inference requests with real arithmetic. The root:
+//! A root forks a tree: shard supervisors, each supervising its workers with a
+//! [`Supervisor`] (restart always, a short backoff, each worker under its own name). Every
+//! worker builds a small model in memory at start (a seeded 16→64→64→8 MLP, tanh and ReLU
+//! layers, no file, no download) and answers inference requests with real arithmetic. The
+//! root:
 //!
 //! 1. sends requests to the workers by pid and by name (`shard0/w1`), a bounded window in
 //!    flight, each with a delivery receipt, and checks every reply against its own copy of
@@ -15,21 +17,26 @@
 //! 2. half-way through broadcasts "load model version 2": every worker switches once, and
 //!    every reply to a request sent after the broadcast carries version 2 (checked);
 //! 3. kills one worker with `SIGKILL` and prints the loss report: the receipts give exactly
-//!    one outcome per request, and the worker's supervisor reports its lost list;
+//!    one outcome per request, and the worker's supervisor reports its lost list. The
+//!    supervisor restarts the worker under the same name with a new pid, on the model
+//!    version its shard last heard of; the root sends to the name again, and once to the
+//!    old pid (lost: no route);
 //! 4. prints the routing trace of sampled requests, there and back;
-//! 5. prints a summary (sent = replied + lost is checked: the exit code is 1 if not), then
-//!    shuts the tree down gracefully.
+//! 5. prints a summary (sent = replied + lost, the restart, the name now resolving to the
+//!    new pid, every reply's version: checked, the exit code is 1 if not), then shuts the
+//!    tree down gracefully.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
+use forkbus::supervisor::{AfterExit, Backoff, ChildId};
 use forkbus::{
-    monotonic_now, to, Address, Bus, BusConfig, ExitStatus, ForkOptions, Listener, LossReason,
-    LossReport, Message, MessageId, NodeId, PeerShutdown, Pid, Relation, SendError, SendOptions,
-    Stop, TimerId,
+    monotonic_now, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, ForkOptions, Listener,
+    LossReason, LossReport, Message, MessageId, NodeId, PeerShutdown, Relation, Restart, SendError,
+    SendOptions, Stop, SupervisionEvent, Supervisor, TimerId,
 };
 use nix::sys::signal::{kill, Signal};
 use serde::{Deserialize, Serialize};
@@ -47,10 +54,11 @@ USAGE: model_workers [FLAGS]
   --requests N      inference requests the root sends             [2000]
   --window N        requests in flight at most                    [64]
   --trace-every N   trace every Nth request (0: none)             [500]
-  --kill-at N       kill the target of request N right after sending it
-                                                                  [7/10 of --requests]
+  --kill-at N       kill the target of request N right after sending it; its
+                    shard's supervisor restarts it          [7/10 of --requests]
   --hang-ms N       before the SIGKILL, freeze it (SIGSTOP) N ms, so requests pile
                     up unacknowledged on its link (0: a plain SIGKILL)  [20]
+  --backoff-ms N    the supervisors' delay before a restart               [20]
   --no-kill         kill nobody
   --seed N          seed of the models and the inputs             [42]
   --help            this text";
@@ -64,6 +72,7 @@ struct Args {
     trace_every: u64,
     kill_at: Option<u64>,
     hang_ms: u64,
+    backoff_ms: u64,
     seed: u64,
 }
 
@@ -76,6 +85,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         trace_every: 500,
         kill_at: None,
         hang_ms: 20,
+        backoff_ms: 20,
         seed: 42,
     };
     let mut kill = true;
@@ -96,6 +106,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--trace-every" => a.trace_every = value("--trace-every")?,
             "--kill-at" => kill_at = Some(value("--kill-at")?),
             "--hang-ms" => a.hang_ms = value("--hang-ms")?,
+            "--backoff-ms" => a.backoff_ms = value("--backoff-ms")?,
             "--no-kill" => kill = false,
             "--seed" => a.seed = value("--seed")?,
             other => return Err(format!("unknown flag {other:?} (try --help)")),
@@ -231,11 +242,12 @@ struct LostView {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Wire {
-    /// A process is up.
+    /// A process is up (a worker: with the model version it built).
     Ready {
         name: String,
         role: Role,
         parent: u32,
+        version: u32,
     },
     /// Root → worker.
     Infer { req: u64, input: Vec<f32> },
@@ -261,11 +273,22 @@ enum Wire {
         cause: String,
         lost: Vec<LostView>,
     },
-    /// Supervisor → root: a child exited.
+    /// Supervisor → root: a child's process exited, and what follows.
     ChildExit {
         supervisor: String,
         pid: u32,
         status: String,
+        next: String,
+    },
+    /// Supervisor → root: a child is back under its name, in a new process.
+    Restarted {
+        supervisor: String,
+        name: String,
+        old: u32,
+        new: u32,
+        generation: u32,
+        /// From the old process reaped to the new one ready.
+        down_us: u64,
     },
 }
 
@@ -330,14 +353,85 @@ impl Listener for Worker {
 }
 
 // ---------------------------------------------------------------------------------------
-// A shard supervisor: forwards (the bus does that), reports its children's ends
+// A shard supervisor: forwards (the bus does that), supervises its workers (a
+// `Supervisor` forks, reaps and restarts them), reports their ends and restarts
 
-struct Supervisor {
+struct Shard {
     name: String,
     root: u32,
+    sup: Supervisor,
+    /// The model version this shard last heard of (the broadcast passes through it). A
+    /// restarted worker is forked from this process, so it starts with this value.
+    version: Rc<Cell<u32>>,
+    /// Each child's generation (processes it has had); a reaped process, until the next
+    /// one is ready.
+    generation: HashMap<ChildId, u32>,
+    reaped: HashMap<ChildId, (u32, Instant)>,
 }
 
-impl Listener for Supervisor {
+impl Listener for Shard {
+    fn on_message(&mut self, _bus: &mut Bus, msg: &Message) {
+        if let Ok(Wire::LoadModel { version }) = msg.decode::<Wire>() {
+            self.version.set(self.version.get().max(version));
+        }
+    }
+
+    fn on_supervision(&mut self, bus: &mut Bus, event: &SupervisionEvent) {
+        match event {
+            SupervisionEvent::Started {
+                child, generation, ..
+            } => {
+                self.generation.insert(child.child, *generation);
+            }
+            SupervisionEvent::Exited {
+                child,
+                pid,
+                status,
+                next,
+            } if !bus.is_stopping() => {
+                self.reaped
+                    .insert(child.child, (pid.as_raw(), Instant::now()));
+                let status = match status {
+                    ExitStatus::Code(c) => format!("exited with code {c}"),
+                    ExitStatus::Signal(9) => "killed by signal 9 (SIGKILL)".to_owned(),
+                    ExitStatus::Signal(s) => format!("killed by signal {s}"),
+                };
+                let next = match next {
+                    AfterExit::Restart { after } => {
+                        format!("restart in {} ms (backoff)", after.as_millis())
+                    }
+                    other => format!("{other:?}"),
+                };
+                let report = Wire::ChildExit {
+                    supervisor: self.name.clone(),
+                    pid: pid.as_raw(),
+                    status,
+                    next,
+                };
+                if let Err(e) = bus.send(Address::Pid(self.root), &report) {
+                    eprintln!("{}: cannot report a child exit: {e}", self.name);
+                }
+            }
+            SupervisionEvent::Ready { child, pid } => {
+                let Some((old, at)) = self.reaped.remove(&child.child) else {
+                    return; // a first start
+                };
+                let report = Wire::Restarted {
+                    supervisor: self.name.clone(),
+                    name: self.sup.name(bus, child.child).unwrap_or_default(),
+                    old,
+                    new: pid.as_raw(),
+                    generation: self.generation.get(&child.child).copied().unwrap_or(0),
+                    down_us: u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX),
+                };
+                if let Err(e) = bus.send(Address::Pid(self.root), &report) {
+                    eprintln!("{}: cannot report a restart: {e}", self.name);
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn on_peer_shutdown(&mut self, bus: &mut Bus, s: &PeerShutdown) {
         let Relation::Child(pid) = s.relation else {
             return;
@@ -374,33 +468,15 @@ impl Listener for Supervisor {
             eprintln!("{}: cannot report a lost list: {e}", self.name);
         }
     }
-
-    fn on_child_exit(&mut self, bus: &mut Bus, pid: Pid, status: ExitStatus) {
-        if bus.is_stopping() {
-            return;
-        }
-        let status = match status {
-            ExitStatus::Code(c) => format!("exited with code {c}"),
-            ExitStatus::Signal(9) => "killed by signal 9 (SIGKILL)".to_owned(),
-            ExitStatus::Signal(s) => format!("killed by signal {s}"),
-        };
-        let report = Wire::ChildExit {
-            supervisor: self.name.clone(),
-            pid: pid.as_raw(),
-            status,
-        };
-        if let Err(e) = bus.send(Address::Pid(self.root), &report) {
-            eprintln!("{}: cannot report a child exit: {e}", self.name);
-        }
-    }
 }
 
-fn say_ready(bus: &mut Bus, root: u32, name: &str, role: Role) {
+fn say_ready(bus: &mut Bus, root: u32, name: &str, role: Role, version: u32) {
     let parent = bus.parent().map_or(0, |p| p.pid);
     let ready = Wire::Ready {
         name: name.to_owned(),
         role,
         parent,
+        version,
     };
     if let Err(e) = bus.send(Address::Pid(root), &ready) {
         eprintln!("{name}: cannot say ready: {e}");
@@ -411,19 +487,35 @@ fn spawn_tree(bus: &mut Bus, args: &Args) -> Result<(), Box<dyn std::error::Erro
     let root = bus.pid().as_raw();
     for s in 0..args.shards {
         let (workers, seed) = (args.workers, args.seed);
+        let backoff = Duration::from_millis(args.backoff_ms);
         let shard = format!("shard{s}");
         bus.fork(ForkOptions::named(shard.clone()), move |bus| {
+            let sup = Supervisor::new(bus);
+            let version = Rc::new(Cell::new(1));
+            // Before the first spawn: supervision events are handed to listeners later,
+            // from the loop, and this one hears them all.
             bus.add_listener(
                 0,
-                Supervisor {
+                Shard {
                     name: shard.clone(),
                     root,
+                    sup,
+                    version: version.clone(),
+                    generation: HashMap::new(),
+                    reaped: HashMap::new(),
                 },
             );
             for w in 0..workers {
                 let name = format!("{shard}/w{w}");
-                let forked = bus.fork(ForkOptions::named(name.clone()), move |bus| {
-                    let model = Mlp::new(seed, 1);
+                let spec = ChildSpec::named(name.clone())
+                    .restart(Restart::Always)
+                    .backoff(Backoff::new(backoff, backoff * 8));
+                let version = version.clone();
+                // Runs in every process of this worker, the first and each restart: a
+                // restarted worker builds the model version its shard holds at the fork.
+                let spawned = sup.spawn(bus, spec, move |bus| {
+                    let model = Mlp::new(seed, version.get());
+                    let v = model.version;
                     bus.add_listener(
                         0,
                         Worker {
@@ -432,13 +524,13 @@ fn spawn_tree(bus: &mut Bus, args: &Args) -> Result<(), Box<dyn std::error::Erro
                             model,
                         },
                     );
-                    say_ready(bus, root, &name, Role::Worker);
+                    say_ready(bus, root, &name, Role::Worker, v);
                 });
-                if let Err(e) = forked {
-                    eprintln!("{shard}: cannot fork worker {w}: {e}");
+                if let Err(e) = spawned {
+                    eprintln!("{shard}: cannot supervise worker {w}: {e}");
                 }
             }
-            say_ready(bus, root, &shard, Role::Supervisor);
+            say_ready(bus, root, &shard, Role::Supervisor, 0);
         })?;
     }
     Ok(())
@@ -450,14 +542,21 @@ fn spawn_tree(bus: &mut Bus, args: &Args) -> Result<(), Box<dyn std::error::Erro
 #[derive(Clone, Debug)]
 struct Member {
     name: String,
+    /// Its current process.
     pid: u32,
     parent: u32,
     role: Role,
     alive: bool,
+    /// Replies by model version, every process of it together.
     replies: [u64; 2],
+    /// Switches of its current process.
     switches: u32,
+    /// The model version its current process started with.
+    born: u32,
     lost: u64,
     sent: u64,
+    /// The process before the current one, once it was restarted.
+    old_pid: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -470,10 +569,22 @@ enum Outcome {
     ReplyLost,
 }
 
+/// A request the root sends on purpose to show what a dead address gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Probe {
+    /// By name while no process holds the name.
+    Down,
+    /// By the killed pid, after the restart.
+    Stale,
+}
+
 #[derive(Clone, Debug)]
 struct Request {
     worker: usize,
     by_name: bool,
+    /// The pid it was sent to: the address, or what the name resolved to at the root (0:
+    /// nothing).
+    pid: u32,
     traced: bool,
     after_switch: bool,
     sent_ns: u64,
@@ -482,19 +593,35 @@ struct Request {
     reply_trace: Vec<HopView>,
     request_trace: Vec<HopView>,
     version: u32,
+    /// The pid that answered.
+    replied_by: u32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Kill {
     worker: usize,
+    /// The pid killed.
+    old_pid: u32,
     after_req: u64,
+    at: Instant,
     peer_lost: Vec<Wire>,
     exits: Vec<Wire>,
-    probe: Option<u64>,
+    /// The shard's report of the restart.
+    restarted: Option<Wire>,
+    /// When the root heard from the new process.
+    back_at: Option<Instant>,
+    down_probe: Option<u64>,
+    stale_probe: Option<u64>,
+    /// The request before which the root began to wait for the restart.
+    held_at: Option<u64>,
+    /// The wait for the restart was given up (3 s).
+    waited_out: bool,
+    hold_timer: Option<TimerId>,
 }
 
 struct Root {
     args: Args,
+    me: Weak<RefCell<Self>>,
     models: [Mlp; 2],
     members: Vec<Member>,
     workers: Vec<usize>,
@@ -518,31 +645,34 @@ struct Root {
 }
 
 impl Root {
-    fn new(args: Args) -> Self {
+    fn new(args: Args) -> Rc<RefCell<Self>> {
         let models = [Mlp::new(args.seed, 1), Mlp::new(args.seed, 2)];
-        Self {
-            args,
-            models,
-            members: Vec::new(),
-            workers: Vec::new(),
-            reqs: Vec::new(),
-            by_seq: HashMap::new(),
-            outstanding: 0,
-            rr: 0,
-            switch_at: None,
-            kill: None,
-            checked: 0,
-            wrong_model: 0,
-            wrong_version: 0,
-            anomalies: Vec::new(),
-            refused: 0,
-            started: None,
-            finished: None,
-            grace: None,
-            phase_done: false,
-            broadcast: None,
-            broadcast_lost: Vec::new(),
-        }
+        Rc::new_cyclic(|me| {
+            RefCell::new(Self {
+                args,
+                me: me.clone(),
+                models,
+                members: Vec::new(),
+                workers: Vec::new(),
+                reqs: Vec::new(),
+                by_seq: HashMap::new(),
+                outstanding: 0,
+                rr: 0,
+                switch_at: None,
+                kill: None,
+                checked: 0,
+                wrong_model: 0,
+                wrong_version: 0,
+                anomalies: Vec::new(),
+                refused: 0,
+                started: None,
+                finished: None,
+                grace: None,
+                phase_done: false,
+                broadcast: None,
+                broadcast_lost: Vec::new(),
+            })
+        })
     }
 
     fn expected(&self) -> usize {
@@ -555,22 +685,32 @@ impl Root {
         }
         self.members
             .iter()
-            .find(|m| m.pid == pid)
+            .find(|m| m.pid == pid || m.old_pid == Some(pid))
             .map_or_else(|| format!("pid {pid}"), |m| m.name.clone())
     }
 
-    /// The next worker in turn; a dead worker gets exactly one more request (by name, after
-    /// its route is gone: the root itself reports it lost, "no route").
-    fn pick(&mut self, bus: &Bus) -> (usize, bool) {
+    /// Requests the root keeps back until a killed worker is up again, so that its new
+    /// process serves some of them: ten per worker.
+    fn reserve(&self) -> u64 {
+        10 * self.workers.len() as u64
+    }
+
+    /// The next worker in turn and how to address it. After the kill, the killed worker
+    /// gets one request by name while no process holds its name, and one by its old pid
+    /// once it is back (both lost: no route); otherwise it is skipped while down.
+    fn pick(&mut self, bus: &Bus) -> (usize, Option<Probe>) {
         // The router may know before the application does (its events are still queued).
         for m in &mut self.members {
             m.alive &= bus.router().resolve(&to::pid(m.pid)).is_some();
         }
-        if let Some(k) = &mut self.kill {
-            let w = k.worker;
-            if !self.members[w].alive && k.probe.is_none() {
-                k.probe = Some(self.reqs.len() as u64);
-                return (w, true);
+        if let Some(k) = &self.kill {
+            let m = &self.members[k.worker];
+            let unnamed = bus.router().resolve(&to::name(m.name.clone())).is_none();
+            if !m.alive && unnamed && k.down_probe.is_none() {
+                return (k.worker, Some(Probe::Down));
+            }
+            if m.alive && m.old_pid.is_some() && k.stale_probe.is_none() {
+                return (k.worker, Some(Probe::Stale));
             }
         }
         let n = self.workers.len();
@@ -578,10 +718,10 @@ impl Root {
             let w = self.workers[self.rr % n];
             self.rr += 1;
             if self.members[w].alive {
-                return (w, false);
+                return (w, None);
             }
         }
-        (self.workers[0], false)
+        (self.workers[0], None)
     }
 
     fn finalize(&mut self, req: u64, outcome: Outcome) {
@@ -605,6 +745,33 @@ impl Root {
         }
     }
 
+    /// Whether to keep the remaining requests back: a worker was killed, is not back, and
+    /// only the reserve is left to send. Waits 3 s at most.
+    fn holding(&mut self, bus: &mut Bus) -> bool {
+        let left = self.args.requests - self.reqs.len() as u64;
+        let i = self.reqs.len() as u64;
+        let reserve = self.reserve();
+        let Some(k) = &mut self.kill else {
+            return false;
+        };
+        if k.back_at.is_some() || k.waited_out || left > reserve {
+            return false;
+        }
+        if k.held_at.is_none() {
+            k.held_at = Some(i);
+            let me = self.me.clone();
+            k.hold_timer = Some(bus.add_timer(Duration::from_secs(3), move |bus| {
+                let Some(root) = me.upgrade() else { return };
+                let mut st = root.borrow_mut();
+                if let Some(k) = &mut st.kill {
+                    k.waited_out = k.back_at.is_none();
+                }
+                st.pump(bus);
+            }));
+        }
+        true
+    }
+
     /// Sends while the window has room; at the switch point broadcasts the new model, at the
     /// kill point kills.
     fn pump(&mut self, bus: &mut Bus) {
@@ -623,14 +790,26 @@ impl Root {
                     }
                 }
             }
+            if self.holding(bus) {
+                return; // the new process's ready message calls again
+            }
             let (w, probe) = self.pick(bus);
-            // By pid and by name in turn, for each worker.
-            let by_name = probe || self.members[w].sent % 2 == 1;
             let m = &self.members[w];
-            let addr = if by_name {
-                to::name(m.name.clone())
+            // By pid and by name in turn, for each worker.
+            let by_name = match probe {
+                Some(Probe::Down) => true,
+                Some(Probe::Stale) => false,
+                None => m.sent % 2 == 1,
+            };
+            let (addr, pid) = if by_name {
+                let now = bus.router().resolve(&to::name(m.name.clone()));
+                (to::name(m.name.clone()), now.map_or(0, |n| n.pid))
             } else {
-                to::pid(m.pid)
+                let pid = match (probe, m.old_pid) {
+                    (Some(Probe::Stale), Some(old)) => old,
+                    _ => m.pid,
+                };
+                (to::pid(pid), pid)
             };
             // Every Nth, shifted by one each time so that the samples visit every worker.
             let n = self.args.trace_every;
@@ -650,9 +829,17 @@ impl Root {
                     self.by_seq.insert(id.seq, i);
                     self.outstanding += 1;
                     self.members[w].sent += 1;
+                    if let Some(k) = &mut self.kill {
+                        match probe {
+                            Some(Probe::Down) => k.down_probe = Some(i),
+                            Some(Probe::Stale) => k.stale_probe = Some(i),
+                            None => {}
+                        }
+                    }
                     self.reqs.push(Request {
                         worker: w,
                         by_name,
+                        pid,
                         traced,
                         after_switch: self.switch_at.is_some_and(|s| s <= i),
                         sent_ns,
@@ -661,15 +848,13 @@ impl Root {
                         reply_trace: Vec::new(),
                         request_trace: Vec::new(),
                         version: 0,
+                        replied_by: 0,
                     });
                 }
                 Err(SendError::QueueFull { .. }) => {
-                    if probe {
-                        if let Some(k) = &mut self.kill {
-                            k.probe = None;
-                        }
+                    if probe.is_none() {
+                        self.rr = self.rr.saturating_sub(1);
                     }
-                    self.rr = self.rr.saturating_sub(1);
                     return; // on_send_ready calls again
                 }
                 Err(e) => {
@@ -690,7 +875,8 @@ impl Root {
     /// Freezes the worker (a hung worker: it reads and acknowledges nothing more), then
     /// kills it `--hang-ms` later, as a watchdog would; or kills it at once.
     fn kill_worker(&mut self, bus: &mut Bus, w: usize, after_req: u64) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.members[w].pid).unwrap_or(0));
+        let old_pid = self.members[w].pid;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(old_pid).unwrap_or(0));
         let first = if self.args.hang_ms > 0 {
             Signal::SIGSTOP
         } else {
@@ -709,8 +895,18 @@ impl Root {
         }
         self.kill = Some(Kill {
             worker: w,
+            old_pid,
             after_req,
-            ..Kill::default()
+            at: Instant::now(),
+            peer_lost: Vec::new(),
+            exits: Vec::new(),
+            restarted: None,
+            back_at: None,
+            down_probe: None,
+            stale_probe: None,
+            held_at: None,
+            waited_out: false,
+            hold_timer: None,
         });
     }
 
@@ -720,11 +916,13 @@ impl Root {
             return;
         }
         self.finished.get_or_insert_with(Instant::now);
-        // Wait (3 s at most) for the supervisor's reports of the kill too.
-        let reports_in = self
-            .kill
-            .as_ref()
-            .is_none_or(|k| !k.peer_lost.is_empty() && !k.exits.is_empty());
+        // Wait (3 s at most) for the supervisor's reports of the kill and the restart too.
+        let reports_in = self.kill.as_ref().is_none_or(|k| {
+            !k.peer_lost.is_empty()
+                && !k.exits.is_empty()
+                && k.restarted.is_some()
+                && k.back_at.is_some()
+        });
         if reports_in {
             self.phase_done = true;
             if let Some(t) = self.grace.take() {
@@ -740,11 +938,11 @@ impl Root {
         let Wire::Reply {
             req,
             worker,
+            pid,
             version,
             class,
             score,
             trace,
-            ..
         } = w
         else {
             return;
@@ -757,6 +955,7 @@ impl Root {
         };
         r.latency_ns = now.saturating_sub(r.sent_ns);
         r.version = version;
+        r.replied_by = pid;
         r.request_trace = trace;
         r.reply_trace = reply_trace;
         let expected = if r.after_switch { 2 } else { 1 };
@@ -779,6 +978,50 @@ impl Root {
         self.finalize(req, Outcome::Replied);
         self.pump(bus);
     }
+
+    /// A process says it is up: a member of the tree, or a new process of a worker.
+    fn on_ready(&mut self, bus: &mut Bus, pid: u32, name: String, role: Role, parent: u32, v: u32) {
+        let Some(w) = self.members.iter().position(|m| m.name == name) else {
+            self.members.push(Member {
+                name,
+                pid,
+                parent,
+                role,
+                alive: true,
+                replies: [0; 2],
+                switches: 0,
+                born: v,
+                lost: 0,
+                sent: 0,
+                old_pid: None,
+            });
+            if self.members.len() == self.expected() {
+                bus.stop();
+            }
+            return;
+        };
+        // The same name in a new process: its supervisor restarted it.
+        let m = &mut self.members[w];
+        if m.pid != pid {
+            m.old_pid = Some(m.pid);
+            m.pid = pid;
+        }
+        m.alive = true;
+        m.born = v;
+        m.switches = 0;
+        match &mut self.kill {
+            Some(k) if k.worker == w => {
+                k.back_at.get_or_insert_with(Instant::now);
+                if let Some(t) = k.hold_timer.take() {
+                    bus.cancel_timer(t);
+                }
+            }
+            _ => self.anomalies.push(format!(
+                "{name} restarted (pid {pid}), and nobody killed it"
+            )),
+        }
+        self.pump(bus);
+    }
 }
 
 #[derive(Clone)]
@@ -796,26 +1039,19 @@ impl Listener for RootListener {
         };
         match wire {
             w @ Wire::Reply { .. } => st.on_reply(bus, w, hops(msg.trace())),
-            Wire::Ready { name, role, parent } => {
-                let pid = msg.origin().pid;
-                st.members.push(Member {
-                    name,
-                    pid,
-                    parent,
-                    role,
-                    alive: true,
-                    replies: [0; 2],
-                    switches: 0,
-                    lost: 0,
-                    sent: 0,
-                });
-                if st.members.len() == st.expected() {
-                    bus.stop();
-                }
-            }
+            Wire::Ready {
+                name,
+                role,
+                parent,
+                version,
+            } => st.on_ready(bus, msg.origin().pid, name, role, parent, version),
             Wire::Loaded { worker, .. } => {
+                // Counted for the process that sent it (the current one of that name).
+                let pid = msg.origin().pid;
                 if let Some(m) = st.members.iter_mut().find(|m| m.name == worker) {
-                    m.switches += 1;
+                    if m.pid == pid {
+                        m.switches += 1;
+                    }
                 }
             }
             w @ Wire::PeerLost { .. } => {
@@ -827,6 +1063,12 @@ impl Listener for RootListener {
             w @ Wire::ChildExit { .. } => {
                 if let Some(k) = &mut st.kill {
                     k.exits.push(w);
+                }
+                st.check_done(bus);
+            }
+            w @ Wire::Restarted { .. } => {
+                if let Some(k) = &mut st.kill {
+                    k.restarted = Some(w);
                 }
                 st.check_done(bus);
             }
@@ -868,14 +1110,23 @@ impl Listener for RootListener {
 
     fn on_node_down(&mut self, bus: &mut Bus, node: NodeId) {
         let mut st = self.0.borrow_mut();
-        let Some(w) = st.members.iter().position(|m| m.pid == node.pid) else {
+        let Some(w) = st
+            .members
+            .iter()
+            .position(|m| m.pid == node.pid || m.old_pid == Some(node.pid))
+        else {
             return;
         };
-        st.members[w].alive = false;
-        // Taken by the worker (receipt in) but never answered: the reply died with it.
+        if st.members[w].pid == node.pid {
+            st.members[w].alive = false;
+        }
+        // Taken by that process (receipt in) but never answered: the reply died with it.
         // Replies it wrote before dying came first (links are FIFO), so none is coming.
         let orphaned: Vec<u64> = (0..st.reqs.len())
-            .filter(|&i| st.reqs[i].worker == w && st.reqs[i].outcome == Outcome::Delivered)
+            .filter(|&i| {
+                let r = &st.reqs[i];
+                r.worker == w && r.pid == node.pid && r.outcome == Outcome::Delivered
+            })
             .map(|i| i as u64)
             .collect();
         for req in orphaned {
@@ -917,8 +1168,20 @@ fn target(st: &Root, r: &Request) -> String {
     if r.by_name {
         format!("{} by name", m.name)
     } else {
-        format!("{} by pid {}", m.name, m.pid)
+        format!("{} by pid {}", m.name, r.pid)
     }
+}
+
+/// `2nd`, `3rd`, `11th`.
+fn ordinal(n: u32) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// `#3 #9 #15 … #87 #93 (16)`: a few request numbers of a list.
@@ -942,34 +1205,36 @@ fn ids(list: &[u64]) -> String {
 }
 
 fn print_loss_report(st: &Root) {
-    section("3. loss report");
+    section("3. kill, loss report, restart");
     let Some(k) = &st.kill else {
         println!("no worker was killed (--no-kill, or the kill point is past the last request)");
         return;
     };
     let victim = &st.members[k.worker];
     let parent = st.name_of(victim.parent);
+    let old = k.old_pid;
     if st.args.hang_ms > 0 {
         println!(
-            "{} (pid {}) hung right after request #{} (SIGSTOP: it reads and acknowledges nothing), \
-             then SIGKILL {} ms later.",
-            victim.name, victim.pid, k.after_req, st.args.hang_ms
+            "{} (pid {old}) hung right after request #{} (SIGSTOP: it reads and acknowledges \
+             nothing), then SIGKILL {} ms later.",
+            victim.name, k.after_req, st.args.hang_ms
         );
-    } else {
-        println!(
-            "{} (pid {}) killed with SIGKILL right after request #{}.",
-            victim.name, victim.pid, k.after_req
-        );
-    }
-    if st.args.hang_ms > 0 {
         println!(
             "The root went on sending to it in turn (it cannot tell a hung worker from a slow \
              one) until its requests filled the window."
         );
+    } else {
+        println!(
+            "{} (pid {old}) killed with SIGKILL right after request #{}.",
+            victim.name, k.after_req
+        );
     }
     for e in &k.exits {
-        if let Wire::ChildExit { pid, status, .. } = e {
-            println!("{parent}, its parent, reaped pid {pid}: {status}.");
+        if let Wire::ChildExit {
+            pid, status, next, ..
+        } = e
+        {
+            println!("{parent}'s supervisor reaped pid {pid}: {status}; {next}.");
         }
     }
     for p in &k.peer_lost {
@@ -999,7 +1264,7 @@ fn print_loss_report(st: &Root) {
             );
         }
     }
-    if k.exits.is_empty() || k.peer_lost.is_empty() {
+    if k.exits.is_empty() || k.peer_lost.is_empty() || k.restarted.is_none() {
         println!("(the supervisor's reports did not all arrive within 3 s)");
     }
     // The supervisor's lost list and the root's receipts must name the same requests.
@@ -1039,34 +1304,70 @@ fn print_loss_report(st: &Root) {
             ids(&answered)
         );
     }
+    if let Some(Wire::Restarted {
+        new,
+        generation,
+        down_us,
+        ..
+    }) = &k.restarted
+    {
+        println!(
+            "{parent}'s supervisor restarted it: {} is pid {new} now (its {} process), ready \
+             {:.1} ms after the old one was reaped, on model v{} (the version {parent} held \
+             when it forked it).",
+            victim.name,
+            ordinal(*generation),
+            *down_us as f64 / 1e3,
+            victim.born
+        );
+    } else if k.back_at.is_none() {
+        println!("{} did not come back in time.", victim.name);
+    }
+    if let (Some(held), Some(back)) = (k.held_at, k.back_at) {
+        println!(
+            "The root kept its last {} requests back from request #{held} until it was back \
+             ({:.1} ms after the kill), so that its new process serves some of them.",
+            st.args.requests - held,
+            back.duration_since(k.at).as_secs_f64() * 1e3
+        );
+    }
     println!(
-        "At the root, exactly one outcome per request sent to {} (receipts):",
+        "At the root, exactly one outcome per request sent to {} from its first loss on \
+         (receipts):",
         victim.name
     );
-    let mut by: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    // From the first request it did not answer (some sent before the kill may be among them).
     let first = st
         .reqs
         .iter()
         .position(|r| r.worker == k.worker && r.outcome != Outcome::Replied)
-        .unwrap_or(st.reqs.len());
+        .map_or(k.after_req as usize, |p| p.min(k.after_req as usize));
+    let mut by: Vec<(String, Vec<u64>)> = Vec::new();
     for (i, r) in st.reqs.iter().enumerate().skip(first) {
         if r.worker != k.worker {
             continue;
         }
-        let outcome = match &r.outcome {
-            Outcome::Replied => format!("replied (model v{})", r.version),
+        let mut outcome = match &r.outcome {
+            Outcome::Replied if r.replied_by == old => {
+                format!("replied by pid {old} before it died (model v{})", r.version)
+            }
+            Outcome::Replied => format!(
+                "replied by its new process, pid {} (model v{})",
+                r.replied_by, r.version
+            ),
             Outcome::Lost(reason, at) => format!("lost at {}: {reason}", st.name_of(*at)),
-            Outcome::ReplyLost => "delivered, the reply died with the worker".to_owned(),
+            Outcome::ReplyLost => format!("delivered to pid {old}, the reply died with it"),
             other => format!("{other:?}"),
         };
-        let probe = if k.probe == Some(i as u64) {
-            " (sent by name after its route was withdrawn)"
-        } else {
-            ""
-        };
-        by.entry(format!("{outcome}{probe}"))
-            .or_default()
-            .push(i as u64);
+        if k.down_probe == Some(i as u64) {
+            outcome.push_str(" (by name, while no process held the name)");
+        } else if k.stale_probe == Some(i as u64) {
+            outcome.push_str(&format!(" (by the old pid {old}, after the restart)"));
+        }
+        match by.iter_mut().find(|(o, _)| *o == outcome) {
+            Some((_, list)) => list.push(i as u64),
+            None => by.push((outcome, vec![i as u64])),
+        }
     }
     for (outcome, list) in by {
         println!("    {outcome}: {}", ids(&list));
@@ -1155,21 +1456,40 @@ fn tree_picture(st: &Root) -> String {
                 "├─"
             };
             let state = if w.alive {
-                format!("model v{}", 1 + w.switches)
+                format!("model v{}", w.born + w.switches)
             } else {
                 "✗ killed".to_owned()
             };
-            let lost = if w.lost > 0 {
-                format!(", lost {}", w.lost)
-            } else {
+            let pids = match w.old_pid {
+                Some(old) => format!("{old} → {}", w.pid),
+                None => w.pid.to_string(),
+            };
+            let mut notes = Vec::new();
+            if w.lost > 0 {
+                notes.push(format!("lost {}", w.lost));
+            }
+            if let Some(old) = w.old_pid {
+                let new = st
+                    .reqs
+                    .iter()
+                    .filter(|r| r.outcome == Outcome::Replied && r.replied_by == w.pid)
+                    .count();
+                notes.push(format!(
+                    "restarted: pid {old} killed, pid {} served {new}",
+                    w.pid
+                ));
+            }
+            let notes = if notes.is_empty() {
                 String::new()
+            } else {
+                format!("; {}", notes.join("; "))
             };
             let _ = writeln!(
                 out,
-                "{}{branch} {:<10} pid {:<7} {:<9} replies {:>4} (v1 {:>4}, v2 {:>4}){lost}",
+                "{}{branch} {:<10} pid {:<15} {:<9} replies {:>4} (v1 {:>4}, v2 {:>4}){notes}",
                 if last_s { "   " } else { "│  " },
                 w.name,
-                w.pid,
+                pids,
                 state,
                 w.replies[0] + w.replies[1],
                 w.replies[0],
@@ -1181,7 +1501,100 @@ fn tree_picture(st: &Root) -> String {
 }
 
 /// Prints the summary; returns whether every check held.
-fn print_summary(st: &Root, tree_up: Duration) -> bool {
+/// The summary's lines on the restart; returns whether its checks held.
+fn print_restart(st: &Root, bus: &Bus) -> bool {
+    let Some(k) = &st.kill else {
+        return true;
+    };
+    let m = &st.members[k.worker];
+    let old = k.old_pid;
+    let Some(back) = k.back_at.filter(|_| m.old_pid.is_some()) else {
+        println!(
+            "restart    {}: pid {old} killed after request #{}; NOT BACK ✗",
+            m.name, k.after_req
+        );
+        return false;
+    };
+    println!(
+        "restart    {}: pid {old} killed after request #{}; restarted by {}'s supervisor as \
+         pid {}, up {:.1} ms after the kill, on model v{}",
+        m.name,
+        k.after_req,
+        st.name_of(m.parent),
+        m.pid,
+        back.duration_since(k.at).as_secs_f64() * 1e3,
+        m.born
+    );
+    let resolves = bus
+        .router()
+        .resolve(&to::name(m.name.clone()))
+        .map(|n| n.pid);
+    let old_gone = bus.router().resolve(&to::pid(old)).is_none();
+    let name_ok = resolves == Some(m.pid) && old_gone;
+    println!(
+        "           the name {:?} now resolves to pid {} at the root {}; pid {old} to {}",
+        m.name,
+        resolves.map_or_else(|| "nothing".to_owned(), |p| p.to_string()),
+        if name_ok { "✓" } else { "✗" },
+        if old_gone { "nothing" } else { "a node still" }
+    );
+    // Its requests that were not answered, by which process and why.
+    let mut killed: BTreeMap<String, u64> = BTreeMap::new();
+    let mut probes = Vec::new();
+    for (i, r) in st.reqs.iter().enumerate() {
+        let reason = match &r.outcome {
+            _ if r.worker != k.worker => continue,
+            Outcome::Lost(reason, _) => reason.to_string(),
+            Outcome::ReplyLost => "reply died with the worker".to_owned(),
+            _ => continue,
+        };
+        let i = i as u64;
+        if k.down_probe == Some(i) {
+            probes.push(format!("to the name while it was down: 1 ({reason})"));
+        } else if k.stale_probe == Some(i) {
+            probes.push(format!("to the old pid after the restart: 1 ({reason})"));
+        } else {
+            *killed.entry(reason).or_default() += 1;
+        }
+    }
+    let reasons: Vec<String> = killed.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    probes.insert(
+        0,
+        format!(
+            "lost with pid {old}: {} — {}",
+            killed.values().sum::<u64>(),
+            reasons.join(", ")
+        ),
+    );
+    println!("           {}", probes.join("; "));
+    let to_new: Vec<&Request> = st.reqs.iter().filter(|r| r.pid == m.pid).collect();
+    let served = to_new
+        .iter()
+        .filter(|r| r.outcome == Outcome::Replied && r.replied_by == m.pid)
+        .count();
+    let v2 = to_new
+        .iter()
+        .filter(|r| r.outcome == Outcome::Replied && r.version == 2)
+        .count();
+    let served_ok = served == to_new.len();
+    if to_new.is_empty() {
+        println!(
+            "           replies from the new pid {}: none, no request was left to send to it",
+            m.pid
+        );
+        return name_ok;
+    }
+    println!(
+        "           replies from the new pid {}: {served} of the {} requests sent to it (model \
+         v2 {v2}) {}",
+        m.pid,
+        to_new.len(),
+        if served_ok { "✓" } else { "✗" }
+    );
+    name_ok && served_ok
+}
+
+fn print_summary(st: &Root, bus: &Bus, tree_up: Duration) -> bool {
     section("5. summary");
     let sent = st.reqs.len() as u64;
     let replied = st
@@ -1221,8 +1634,18 @@ fn print_summary(st: &Root, tree_up: Duration) -> bool {
         .iter()
         .filter(|m| m.role == Role::Worker && m.alive)
         .collect();
-    let switched_once = live_workers.iter().filter(|m| m.switches == 1).count();
-    let switch_ok = st.switch_at.is_none() || switched_once == live_workers.len();
+    // Each live process holds v2 once: switched once, or started on v2 (a restart after the
+    // broadcast).
+    let switched_once = live_workers
+        .iter()
+        .filter(|m| m.born == 1 && m.switches == 1)
+        .count();
+    let born_v2: Vec<&str> = live_workers
+        .iter()
+        .filter(|m| m.born == 2 && m.switches == 0)
+        .map(|m| m.name.as_str())
+        .collect();
+    let switch_ok = st.switch_at.is_none() || switched_once + born_v2.len() == live_workers.len();
     let secs = match (st.started, st.finished) {
         (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
         _ => 0.0,
@@ -1256,6 +1679,7 @@ fn print_summary(st: &Root, tree_up: Duration) -> bool {
             "✗ DOES NOT BALANCE"
         }
     );
+    let restart_ok = print_restart(st, bus);
     println!(
         "latency    send → reply: p50 {} µs, p99 {} µs, max {} µs{}",
         us(percentile(&lat, 50.0)),
@@ -1273,8 +1697,17 @@ fn print_summary(st: &Root, tree_up: Duration) -> bool {
     match st.switch_at {
         Some(at) if at != u64::MAX => println!(
             "switch     \"load model version 2\" broadcast once, before request #{at}; \
-             {switched_once}/{} live workers switched, each exactly once{}",
+             {}/{} on v2: {switched_once} live workers switched, each exactly once{}{}",
+            switched_once + born_v2.len(),
             live_workers.len(),
+            if born_v2.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} restarted after it and started on v2",
+                    born_v2.join(", ")
+                )
+            },
             if st.broadcast_lost.is_empty() {
                 String::new()
             } else {
@@ -1297,12 +1730,13 @@ fn print_summary(st: &Root, tree_up: Duration) -> bool {
         && st.wrong_version == 0
         && st.wrong_model == 0
         && switch_ok
+        && restart_ok
         && st.refused == 0
         && st.anomalies.is_empty();
     if !ok {
         println!(
             "CHECKS FAILED: balanced {balanced}, wrong versions {}, wrong answers {}, \
-             switches ok {switch_ok}, refused {}",
+             switches ok {switch_ok}, restart ok {restart_ok}, refused {}",
             st.wrong_version, st.wrong_model, st.refused
         );
     }
@@ -1328,10 +1762,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Every receipt resolves within this, whatever happens to the tree.
     config.router.receipt_timeout = Some(Duration::from_secs(5));
     let mut bus = Bus::root(config)?;
-    let state = Rc::new(RefCell::new(Root::new(args.clone())));
+    let state = Root::new(args.clone());
     bus.add_listener(0, RootListener(state.clone()));
     // Whatever happens, the run ends: the loop is stopped after this.
-    let timed_out = Rc::new(std::cell::Cell::new(false));
+    let timed_out = Rc::new(Cell::new(false));
     let flag = timed_out.clone();
     let watchdog = bus.add_timer(Duration::from_secs(60), move |bus| {
         flag.set(true);
@@ -1375,6 +1809,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.workers
         );
         println!(
+            "Each shard supervises its workers (forkbus::Supervisor: restart always, backoff \
+             {} ms); a worker keeps its name (shard0/w1) across restarts.",
+            args.backoff_ms
+        );
+        println!(
             "Each worker built model v1 in memory: an MLP {} ({} weights, seed {}).",
             SHAPE.map(|n| n.to_string()).join("→"),
             st.models[0].n_weights(),
@@ -1396,6 +1835,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if let Some(at) = st.switch_at {
             println!("\"load model version 2\" broadcast to the whole tree before request #{at}.");
         }
+        if let Some(k) = &st.kill {
+            let m = &st.members[k.worker];
+            match m.old_pid {
+                Some(old) => println!(
+                    "{} (pid {old}) killed after request #{}, back as pid {}: the root sent to \
+                     it again, by name and by its new pid.",
+                    m.name, k.after_req, m.pid
+                ),
+                None => println!("{} killed after request #{}.", m.name, k.after_req),
+            }
+        }
         if timed_out.get() {
             println!("TIMED OUT with {} requests outstanding", st.outstanding);
         }
@@ -1404,7 +1854,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let st = state.borrow();
         print_loss_report(&st);
         print_traces(&st);
-        print_summary(&st, tree_up) && !timed_out.get()
+        print_summary(&st, &bus, tree_up) && !timed_out.get()
     };
 
     bus.cancel_timer(watchdog);
@@ -1412,11 +1862,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bus.cancel_timer(t);
     }
     bus.shutdown_tree();
+    let killed = state.borrow().kill.is_some();
     match bus.run()? {
         Stop::Shutdown(tally) => println!(
-            "\nshut down: {} processes drained and exited (the killed worker was reaped by its \
-             supervisor); {} left unreported.",
-            tally.processes, tally.unreported
+            "\nshut down: {} processes drained and exited{}; {} left unreported.",
+            tally.processes,
+            if killed {
+                " (the killed worker's old process was reaped by its supervisor already)"
+            } else {
+                ""
+            },
+            tally.unreported
         ),
         other => println!("\nshutdown ended with {other:?}"),
     }

@@ -238,8 +238,13 @@ fn number_after(out: &str, line: &str, label: &str) -> Option<u64> {
 
 fn model_workers_checks(out: &str, killed: bool) -> Result<(), String> {
     // The program's own balance check, and the pieces of its report.
-    has(out, "balance    sent 400 = replied ")?;
-    has(out, "  ✓")?;
+    let balance = out
+        .lines()
+        .find(|l| l.starts_with("balance    sent 400 = replied "))
+        .ok_or("no balance line")?;
+    if !balance.ends_with("  ✓") {
+        return Err(format!("{balance:?}: does not balance"));
+    }
     let v2 = number_after(out, "replies ", ", v2").ok_or("no v2 count")?;
     if v2 == 0 {
         return Err("no reply carried model version 2".into());
@@ -253,16 +258,36 @@ fn model_workers_checks(out: &str, killed: bool) -> Result<(), String> {
     let lost = number_after(out, "lost ", "lost").ok_or("no lost line")?;
     if killed {
         has(out, "SIGKILL")?;
-        has(out, "reaped pid")?;
+        has(out, "supervisor reaped pid")?;
         has(out, "exactly one outcome per request")?;
         has(out, "lost at ")?;
         if lost == 0 {
             return Err("a worker was killed and nothing was lost".into());
         }
+        // The supervisor restarted it under the same name, in a new process.
+        has(out, "supervisor restarted it: ")?;
+        has(out, "restart    ")?;
+        let new = number_after(out, "           the name ", "now resolves to pid")
+            .ok_or("no line on the name resolving to the new pid")?;
+        has(out, &format!("now resolves to pid {new} at the root ✓"))?;
+        has(out, &format!(" → {new} "))?; // the tree: old → new
+        has(out, "lost with pid ")?;
+        let line = format!("           replies from the new pid {new}: ");
+        let served = number_after(out, &line, ":").ok_or("no replies from the new pid")?;
+        if served == 0 {
+            return Err("the restarted worker served no request".into());
+        }
+        has(
+            out,
+            &format!("{line}{served} of the {served} requests sent to it"),
+        )?;
     } else {
         has(out, "no worker was killed")?;
         if lost != 0 {
             return Err(format!("{lost} lost without a kill"));
+        }
+        if out.contains("restart    ") {
+            return Err("a restart without a kill".into());
         }
     }
     Ok(())
