@@ -12,7 +12,8 @@
 //! - **One shared listener.** The root binds it (non-blocking, backlog 1024) and never
 //!   accepts; every worker inherits it through `fork` and registers it with
 //!   [`Bus::add_fd`]. All idle workers wake on a new connection and race to accept it (a
-//!   thundering herd, acceptable at this size; the losers see `WouldBlock`). Because the
+//!   thundering herd, acceptable at this size; the losers see `WouldBlock`); each takes one
+//!   connection per wake-up, so a burst spreads over the workers. Because the
 //!   root keeps the socket open, the kernel queues connections while workers come and go.
 //! - **Connections** are user descriptors of the worker's reactor: non-blocking reads,
 //!   requests parsed with `httparse`, pipelined requests answered in order, output written
@@ -83,8 +84,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const SWEEP: Duration = Duration::from_millis(50);
 /// Read/parse/write rounds per readiness event at most (fairness between connections).
 const MAX_ROUNDS: usize = 32;
-/// Connections accepted per readiness event at most.
-const MAX_ACCEPTS: usize = 64;
+/// Connections accepted per readiness event at most. One, like nginx without
+/// `multi_accept`: every idle worker wakes for a burst of connections, and each takes one
+/// per turn (the listener is level-triggered, so the rest is reported again), which
+/// spreads long-lived keep-alive connections over the workers instead of letting the first
+/// to wake take them all.
+const MAX_ACCEPTS: usize = 1;
 
 const HELP: &str = "\
 prefork_http: a prefork HTTP/1.1 server supervised on the bus
