@@ -224,6 +224,8 @@ struct Head {
     len: usize,
     body: usize,
     close: bool,
+    /// An HTTP/1.0 request that asked for keep-alive: the answer must say so.
+    http10_keep_alive: bool,
     head_only: bool,
 }
 
@@ -370,7 +372,8 @@ impl Conn {
             http.unreported += 1;
             let close = head.close || http.stopping;
             let body = format!("hello from worker {} request {}\n", http.pid, http.requests);
-            self.respond(200, "OK", &body, close, head.head_only);
+            let keep_alive = head.http10_keep_alive && !close;
+            self.respond(200, "OK", &body, close, keep_alive, head.head_only);
             answered = true;
             if close {
                 self.close_after = true;
@@ -381,12 +384,20 @@ impl Conn {
     }
 
     fn reject(&mut self, code: u16, reason: &str) {
-        self.respond(code, reason, "", true, false);
+        self.respond(code, reason, "", true, false, false);
         self.close_after = true;
         self.input.clear();
     }
 
-    fn respond(&mut self, code: u16, reason: &str, body: &str, close: bool, head_only: bool) {
+    fn respond(
+        &mut self,
+        code: u16,
+        reason: &str,
+        body: &str,
+        close: bool,
+        keep_alive: bool,
+        head_only: bool,
+    ) {
         use std::fmt::Write as _;
         let mut head = String::with_capacity(128);
         let _ = write!(
@@ -396,6 +407,8 @@ impl Conn {
         );
         if close {
             head.push_str("Connection: close\r\n");
+        } else if keep_alive {
+            head.push_str("Connection: keep-alive\r\n");
         }
         head.push_str("\r\n");
         self.output.extend_from_slice(head.as_bytes());
@@ -452,6 +465,7 @@ fn parse_head(input: &[u8]) -> Result<Option<Head>, (u16, &'static str)> {
         len,
         body,
         close: close || !(http11 || keep_alive),
+        http10_keep_alive: !http11 && keep_alive,
         head_only: req.method == Some("HEAD"),
     }))
 }
