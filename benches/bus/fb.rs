@@ -30,8 +30,21 @@ const FORWARD: u8 = b'F';
 /// A broadcast that is only stamped (no convergecast: nothing but its own frames).
 const MARK: u8 = b'M';
 
+/// The configuration every figure runs with: the default, unless `FORKBUS_BENCH_READ_BUFFER`
+/// (bytes per `read`) says otherwise (for experiments; recorded in the JSON).
+pub(crate) fn config() -> BusConfig {
+    let mut config = BusConfig::default();
+    if let Some(n) = std::env::var("FORKBUS_BENCH_READ_BUFFER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.read_buffer = n;
+    }
+    config
+}
+
 fn root_bus() -> io::Result<Bus> {
-    Bus::root(BusConfig::default())
+    Bus::root(config())
 }
 
 fn send(bus: &mut Bus, to: impl Into<forkbus::Address>, payload: Vec<u8>) {

@@ -36,6 +36,11 @@ const ZMQ_HI: f64 = 6.6e6;
 /// How much of everything.
 #[derive(Clone, Debug)]
 struct Plan {
+    /// Which sides run (`--side`: for profiling one of them alone).
+    raw: bool,
+    forkbus: bool,
+    /// Only the figures whose names contain this (`--filter`).
+    filter: Option<String>,
     reps: usize,
     rtt_rounds: usize,
     rtt3_rounds: usize,
@@ -57,7 +62,10 @@ impl Plan {
             .unwrap_or(0);
         if quick {
             Self {
-                reps: 2,
+                raw: true,
+                forkbus: true,
+                filter: None,
+                reps: 3,
                 rtt_rounds: 2_000,
                 rtt3_rounds: 1_000,
                 rtt_warmup: 200,
@@ -66,7 +74,7 @@ impl Plan {
                     (1024, 200_000, 100_000),
                     (65536, 3_000, 3_000),
                 ],
-                tree_reps: 1,
+                tree_reps: 2,
                 tree_sizes: vec![7, 15, 63],
                 broadcast_rounds: 50,
                 idle_children: 5,
@@ -74,16 +82,19 @@ impl Plan {
             }
         } else {
             Self {
-                reps: 5,
-                rtt_rounds: 10_000,
-                rtt3_rounds: 4_000,
+                raw: true,
+                forkbus: true,
+                filter: None,
+                reps: 7,
+                rtt_rounds: 20_000,
+                rtt3_rounds: 5_000,
                 rtt_warmup: 1_000,
                 throughput: [
                     (64, 4_000_000, 1_000_000),
                     (1024, 1_000_000, 300_000),
                     (65536, 20_000, 20_000),
                 ],
-                tree_reps: 3,
+                tree_reps: 5,
                 tree_sizes: vec![7, 15, 63],
                 broadcast_rounds: 200,
                 idle_children: 10,
@@ -91,13 +102,21 @@ impl Plan {
             }
         }
     }
+
+    /// Whether a figure of this name runs.
+    fn wants(&self, figure: &str) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|f| figure.contains(f.as_str()))
+    }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench bus [-- [--quick] [--only GROUP[,GROUP...]]]\n\
+        "usage: cargo bench --bench bus [-- [--quick] [--only GROUP[,GROUP...]] [--side raw|forkbus] [--filter TEXT]]\n\
          groups: {}\n\
-         env: FORKBUS_BENCH_QUICK=1 (same as --quick), FORKBUS_BENCH_CPU=N (the core for pinned runs)",
+         env: FORKBUS_BENCH_QUICK=1 (same as --quick), FORKBUS_BENCH_CPU=N (the core for pinned runs),\n\
+         --side and --filter (figures whose names contain TEXT) are for profiling",
         GROUPS.join(" ")
     );
     std::process::exit(2)
@@ -106,6 +125,8 @@ fn usage() -> ! {
 fn main() -> io::Result<()> {
     let mut quick = std::env::var("FORKBUS_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let mut only: Option<Vec<String>> = None;
+    let mut side: Option<String> = None;
+    let mut filter: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -117,6 +138,8 @@ fn main() -> io::Result<()> {
             s if s.starts_with("--only=") => {
                 only = Some(s["--only=".len()..].split(',').map(str::to_owned).collect());
             }
+            "--side" => side = args.next(),
+            "--filter" => filter = args.next(),
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             "--help" | "-h" => usage(),
@@ -133,7 +156,14 @@ fn main() -> io::Result<()> {
         }
     }
     proc::become_subreaper()?;
-    let plan = Plan::new(quick);
+    let mut plan = Plan::new(quick);
+    plan.filter = filter;
+    match side.as_deref() {
+        None => {}
+        Some("raw") => plan.forkbus = false,
+        Some("forkbus") => plan.raw = false,
+        Some(_) => usage(),
+    }
     let started = Instant::now();
     let load_start = proc::loadavg();
     let machine = report::machine();
@@ -230,6 +260,7 @@ fn main() -> io::Result<()> {
         "load_end": load_end,
         "seconds": started.elapsed().as_secs_f64(),
         "plan": format!("{plan:?}"),
+        "forkbus_config": format!("{:?}", fb::config()),
         "groups": groups_json,
         "figures": report::rows_json(&rows),
         "details": Value::Object(extra),
@@ -242,8 +273,10 @@ fn main() -> io::Result<()> {
     Ok(())
 }
 
-/// Runs `raw` and `fb` `reps` times each, alternating which goes first.
+/// Runs `raw` and `fb` `reps` times each, alternating which goes first (only the sides the
+/// plan runs).
 fn alternate<A, B>(
+    plan: &Plan,
     reps: usize,
     mut raw: impl FnMut() -> io::Result<A>,
     mut fb: impl FnMut() -> io::Result<B>,
@@ -251,11 +284,13 @@ fn alternate<A, B>(
     let mut a = Vec::with_capacity(reps);
     let mut b = Vec::with_capacity(reps);
     for rep in 0..reps {
-        if rep % 2 == 0 {
+        if rep % 2 == 0 && plan.raw {
             a.push(raw()?);
+        }
+        if plan.forkbus {
             b.push(fb()?);
-        } else {
-            b.push(fb()?);
+        }
+        if rep % 2 == 1 && plan.raw {
             a.push(raw()?);
         }
     }
@@ -278,9 +313,16 @@ fn tally_json(t: &forkbus::Tally) -> Value {
 
 fn fork_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Result<Vec<Row>> {
     let k = plan.idle_children;
-    let rest = Duration::from_millis(100);
-    let reps = plan.reps.min(3);
+    // FORKBUS_BENCH_REST_MS: how long the children rest before their memory is read.
+    let rest = Duration::from_millis(
+        std::env::var("FORKBUS_BENCH_REST_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100),
+    );
+    let reps = plan.reps.min(5);
     let (raw, fb) = alternate(
+        plan,
         reps,
         || {
             // k idle children at once, as on the forkbus side (PSS depends on sharers).
@@ -360,6 +402,14 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
     let mut detail = Vec::new();
     for pinned in [false, true] {
         for hops in [1usize, 3] {
+            let how = if pinned { "pinned" } else { "unpinned" };
+            let name = format!(
+                "rtt 64 B {hops} hop{} {how}",
+                if hops == 1 { "" } else { "s" }
+            );
+            if !plan.wants(&name) {
+                continue;
+            }
             let rounds = if hops == 1 {
                 plan.rtt_rounds
             } else {
@@ -380,6 +430,7 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                 }
             };
             let (raw, fb) = alternate(
+                plan,
                 plan.reps,
                 || {
                     let saved = pin()?;
@@ -394,16 +445,11 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                     r
                 },
             )?;
-            let how = if pinned { "pinned" } else { "unpinned" };
             let goal = if pinned {
                 Goal::RatioAtMost(1.6)
             } else {
                 Goal::RatioAtMost(1.2)
             };
-            let name = format!(
-                "rtt 64 B {hops} hop{} {how}",
-                if hops == 1 { "" } else { "s" }
-            );
             let note = format!(
                 "{rounds} round trips per rep after {warmup}{}",
                 if pinned {
@@ -455,7 +501,17 @@ fn throughput_group(
     let mut rows = Vec::new();
     let mut detail = Vec::new();
     for (size, raw_count, fb_count) in plan.throughput {
+        let label = if size >= 1024 {
+            format!("{} KiB", size / 1024)
+        } else {
+            format!("{size} B")
+        };
+        let name = format!("one-way {label}");
+        if !plan.wants(&name) {
+            continue;
+        }
         let (raw, fb) = alternate(
+            plan,
             plan.reps,
             || raw::throughput(size, raw_count),
             || fb::throughput(size, fb_count),
@@ -477,15 +533,10 @@ fn throughput_group(
             65536 => Goal::RatioAtLeast(0.9),
             _ => Goal::None,
         };
-        let label = if size >= 1024 {
-            format!("{} KiB", size / 1024)
-        } else {
-            format!("{size} B")
-        };
         rows.push(
             Row::new(
                 "throughput",
-                format!("one-way {label}"),
+                name,
                 Unit::Rate { size },
                 fb_rates,
                 raw_rates,
@@ -515,8 +566,12 @@ fn broadcast_group(
     let mut rows = Vec::new();
     let mut detail = Vec::new();
     for &n in &plan.tree_sizes {
+        if !plan.wants(&format!("broadcast to {n} ")) {
+            continue;
+        }
         let rounds = plan.broadcast_rounds;
         let (raw, fb) = alternate(
+            plan,
             plan.tree_reps,
             || raw::broadcast(n, rounds),
             || fb::broadcast(n, rounds),
