@@ -434,13 +434,13 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                 plan.reps,
                 || {
                     let saved = pin()?;
-                    let r = raw::round_trip(hops, rounds, warmup);
+                    let r = proc::with_cpu(|| raw::round_trip(hops, rounds, warmup));
                     unpin(saved)?;
                     r
                 },
                 || {
                     let saved = pin()?;
-                    let r = fb::round_trip(hops, rounds, warmup);
+                    let r = proc::with_cpu(|| fb::round_trip(hops, rounds, warmup));
                     unpin(saved)?;
                     r
                 },
@@ -463,8 +463,8 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                     "rtt",
                     format!("{name} median"),
                     Unit::Micros,
-                    fb.iter().map(|(s, _)| us(s.median())).collect(),
-                    raw.iter().map(|s| us(s.median())).collect(),
+                    fb.iter().map(|((s, _), _)| us(s.median())).collect(),
+                    raw.iter().map(|(s, _)| us(s.median())).collect(),
                     goal,
                 )
                 .note(note.clone()),
@@ -474,19 +474,30 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                     "rtt",
                     format!("{name} p99"),
                     Unit::Micros,
-                    fb.iter().map(|(s, _)| us(s.p99())).collect(),
-                    raw.iter().map(|s| us(s.p99())).collect(),
+                    fb.iter().map(|((s, _), _)| us(s.p99())).collect(),
+                    raw.iter().map(|(s, _)| us(s.p99())).collect(),
                     Goal::None,
                 )
                 .note(note),
             );
+            // CPU of every process of the rep (fork and shutdown included), per round trip.
+            let per = (rounds + warmup) as f64;
+            let fb_cpu: Vec<f64> = fb.iter().map(|(_, c)| us(*c) / per).collect();
+            let raw_cpu: Vec<f64> = raw.iter().map(|(_, c)| us(*c) / per).collect();
+            println!(
+                "  {name}: CPU per round trip, all processes: forkbus {:.1} us, raw {:.1} us",
+                report::median(&fb_cpu),
+                report::median(&raw_cpu)
+            );
             detail.push(json!({
                 "figure": name,
-                "forkbus_p90_us": fb.iter().map(|(s, _)| us(s.quantile(0.9))).collect::<Vec<_>>(),
-                "raw_p90_us": raw.iter().map(|s| us(s.quantile(0.9))).collect::<Vec<_>>(),
-                "forkbus_min_us": fb.iter().map(|(s, _)| us(s.quantile(0.0))).collect::<Vec<_>>(),
-                "raw_min_us": raw.iter().map(|s| us(s.quantile(0.0))).collect::<Vec<_>>(),
-                "forkbus_tallies": fb.iter().map(|(_, t)| tally_json(t)).collect::<Vec<_>>(),
+                "forkbus_p90_us": fb.iter().map(|((s, _), _)| us(s.quantile(0.9))).collect::<Vec<_>>(),
+                "raw_p90_us": raw.iter().map(|(s, _)| us(s.quantile(0.9))).collect::<Vec<_>>(),
+                "forkbus_min_us": fb.iter().map(|((s, _), _)| us(s.quantile(0.0))).collect::<Vec<_>>(),
+                "raw_min_us": raw.iter().map(|(s, _)| us(s.quantile(0.0))).collect::<Vec<_>>(),
+                "forkbus_cpu_us_per_round_trip": fb_cpu,
+                "raw_cpu_us_per_round_trip": raw_cpu,
+                "forkbus_tallies": fb.iter().map(|((_, t), _)| tally_json(t)).collect::<Vec<_>>(),
             }));
         }
     }
@@ -513,17 +524,25 @@ fn throughput_group(
         let (raw, fb) = alternate(
             plan,
             plan.reps,
-            || raw::throughput(size, raw_count),
-            || fb::throughput(size, fb_count),
+            || proc::with_cpu(|| raw::throughput(size, raw_count)),
+            || proc::with_cpu(|| fb::throughput(size, fb_count)),
         )?;
         let raw_rates: Vec<f64> = raw
             .iter()
-            .map(|d| raw_count as f64 / d.as_secs_f64())
+            .map(|(d, _)| raw_count as f64 / d.as_secs_f64())
             .collect();
         let fb_rates: Vec<f64> = fb
             .iter()
-            .map(|(d, _, _)| fb_count as f64 / d.as_secs_f64())
+            .map(|((d, _, _), _)| fb_count as f64 / d.as_secs_f64())
             .collect();
+        // CPU of both processes (fork and shutdown included), per message.
+        let fb_cpu: Vec<f64> = fb.iter().map(|(_, c)| us(*c) / fb_count as f64).collect();
+        let raw_cpu: Vec<f64> = raw.iter().map(|(_, c)| us(*c) / raw_count as f64).collect();
+        println!(
+            "  {name}: CPU per message, both processes: forkbus {:.3} us, raw {:.3} us",
+            report::median(&fb_cpu),
+            report::median(&raw_cpu)
+        );
         let goal = match size {
             64 => Goal::ValueAtLeast {
                 lo: ZMQ_LO,
@@ -551,8 +570,10 @@ fn throughput_group(
             "size": size,
             "raw_count": raw_count,
             "forkbus_count": fb_count,
-            "forkbus_queue_full_refusals": fb.iter().map(|(_, r, _)| *r).collect::<Vec<_>>(),
-            "forkbus_tallies": fb.iter().map(|(_, _, t)| tally_json(t)).collect::<Vec<_>>(),
+            "forkbus_cpu_us_per_message": fb_cpu,
+            "raw_cpu_us_per_message": raw_cpu,
+            "forkbus_queue_full_refusals": fb.iter().map(|((_, r, _), _)| *r).collect::<Vec<_>>(),
+            "forkbus_tallies": fb.iter().map(|((_, _, t), _)| tally_json(t)).collect::<Vec<_>>(),
         }));
     }
     extra.insert("throughput".into(), Value::Array(detail));

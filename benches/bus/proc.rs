@@ -129,6 +129,35 @@ pub(crate) fn children_of_self() -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// CPU time (user + system) used so far by this process and by every descendant it has
+/// reaped (a child's own reaped descendants count in its figure).
+pub(crate) fn cpu_time() -> std::time::Duration {
+    let of = |who: i32| {
+        // SAFETY: getrusage fills the struct it is given; zeroed is a valid rusage.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage.
+        if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+            return std::time::Duration::ZERO;
+        }
+        let tv = |t: libc::timeval| {
+            std::time::Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                + std::time::Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+        };
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
+}
+
+/// Runs `f` and returns what it returned with the CPU time it and its reaped descendants
+/// used.
+pub(crate) fn with_cpu<T>(
+    f: impl FnOnce() -> io::Result<T>,
+) -> io::Result<(T, std::time::Duration)> {
+    let before = cpu_time();
+    let out = f()?;
+    Ok((out, cpu_time().saturating_sub(before)))
+}
+
 /// The 1-, 5- and 15-minute load averages.
 pub(crate) fn loadavg() -> [f64; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
