@@ -268,7 +268,14 @@ fn main() -> io::Result<()> {
                    Bus::send_bytes (raw payload bytes) under BusConfig::default(); raw is a \
                    blocking socketpair loop with a 4-byte length prefix and buffered reads",
     });
-    let path = report::write_json(&doc)?;
+    // A partial run (some groups, one side, some figures) does not overwrite a whole run's.
+    let partial = only.is_some() || !plan.raw || !plan.forkbus || plan.filter.is_some();
+    let name = if partial {
+        "forkbus-bench.partial.json"
+    } else {
+        "forkbus-bench.json"
+    };
+    let path = report::write_json(&doc, name)?;
     println!("wrote {}", path.display());
     Ok(())
 }

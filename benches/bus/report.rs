@@ -272,13 +272,12 @@ pub(crate) fn machine() -> Value {
     })
 }
 
-/// Where the JSON goes: `<target dir>/forkbus-bench.json`. The target directory is
-/// `CARGO_TARGET_DIR` when absolute, else the ancestor of this executable that holds
-/// cargo's `CACHEDIR.TAG`, else the workspace's `target/`.
-pub(crate) fn json_path() -> PathBuf {
+/// The target directory: `CARGO_TARGET_DIR` when absolute, else the ancestor of this
+/// executable that holds cargo's `CACHEDIR.TAG`, else the workspace's `target/`.
+pub(crate) fn target_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
         if dir.is_absolute() {
-            return dir.join("forkbus-bench.json");
+            return dir;
         }
     }
     if let Ok(exe) = std::env::current_exe() {
@@ -287,17 +286,15 @@ pub(crate) fn json_path() -> PathBuf {
             .skip(1)
             .find(|d| d.join("CACHEDIR.TAG").is_file())
         {
-            return dir.join("forkbus-bench.json");
+            return dir.to_path_buf();
         }
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("forkbus-bench.json")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target")
 }
 
-/// Writes the JSON document.
-pub(crate) fn write_json(doc: &Value) -> io::Result<PathBuf> {
-    let path = json_path();
+/// Writes the JSON document to `<target dir>/<name>`.
+pub(crate) fn write_json(doc: &Value, name: &str) -> io::Result<PathBuf> {
+    let path = target_dir().join(name);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
