@@ -177,11 +177,13 @@ fn chain(bus: &mut Bus, root: NodeId, below: usize) {
 }
 
 /// Round trips of a 64-byte payload from the root to the end of a chain of `hops` links
-/// and back (the middle processes forward inside their routers).
+/// and back (the middle processes forward inside their routers). `after_fork` runs in the
+/// root once the chain's first process is forked.
 pub(crate) fn round_trip(
     hops: usize,
     rounds: usize,
     warmup: usize,
+    after_fork: impl FnOnce() -> io::Result<()>,
 ) -> io::Result<(Samples, Tally)> {
     assert!(hops >= 1);
     let mut bus = root_bus()?;
@@ -190,6 +192,7 @@ pub(crate) fn round_trip(
         chain(bus, root, hops - 1)
     })
     .map_err(io::Error::from)?;
+    after_fork()?;
     let samples = Rc::new(RefCell::new(Samples::with_capacity(rounds)));
     bus.add_listener(
         0,

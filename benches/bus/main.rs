@@ -404,12 +404,37 @@ fn fork_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Re
     ])
 }
 
+/// Where the processes of a round trip run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// Wherever the scheduler puts them.
+    Unpinned,
+    /// All on one CPU.
+    OneCore,
+    /// The root on one CPU, the rest on the other: every hop to and from the root wakes the
+    /// other CPU.
+    CrossCore,
+}
+
 fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let mut detail = Vec::new();
-    for pinned in [false, true] {
+    let ncpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let other = (plan.cpu + 1) % ncpus.max(1);
+    for placement in [
+        Placement::Unpinned,
+        Placement::OneCore,
+        Placement::CrossCore,
+    ] {
+        if placement == Placement::CrossCore && other == plan.cpu {
+            continue;
+        }
         for hops in [1usize, 3] {
-            let how = if pinned { "pinned" } else { "unpinned" };
+            let how = match placement {
+                Placement::Unpinned => "unpinned",
+                Placement::OneCore => "pinned",
+                Placement::CrossCore => "cross-core",
+            };
             let name = format!(
                 "rtt 64 B {hops} hop{} {how}",
                 if hops == 1 { "" } else { "s" }
@@ -423,12 +448,20 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                 plan.rtt3_rounds
             };
             let warmup = plan.rtt_warmup;
+            // Cross-core: the chain is forked while this process is on the other CPU (its
+            // processes inherit it), then this process moves to its own.
             let pin = || -> io::Result<Option<nix::sched::CpuSet>> {
-                if pinned {
-                    proc::pin(&[plan.cpu]).map(Some)
-                } else {
-                    Ok(None)
+                match placement {
+                    Placement::Unpinned => Ok(None),
+                    Placement::OneCore => proc::pin(&[plan.cpu]).map(Some),
+                    Placement::CrossCore => proc::pin(&[other]).map(Some),
                 }
+            };
+            let after_fork = || -> io::Result<()> {
+                if placement == Placement::CrossCore {
+                    proc::pin(&[plan.cpu])?;
+                }
+                Ok(())
             };
             let unpin = |saved: Option<nix::sched::CpuSet>| -> io::Result<()> {
                 match saved {
@@ -441,28 +474,30 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                 plan.reps,
                 || {
                     let saved = pin()?;
-                    let r = proc::with_cpu(|| raw::round_trip(hops, rounds, warmup));
+                    let r = proc::with_cpu(|| raw::round_trip(hops, rounds, warmup, after_fork));
                     unpin(saved)?;
                     r
                 },
                 || {
                     let saved = pin()?;
-                    let r = proc::with_cpu(|| fb::round_trip(hops, rounds, warmup));
+                    let r = proc::with_cpu(|| fb::round_trip(hops, rounds, warmup, after_fork));
                     unpin(saved)?;
                     r
                 },
             )?;
-            let goal = if pinned {
-                Goal::RatioAtMost(1.6)
-            } else {
-                Goal::RatioAtMost(1.2)
+            let goal = match placement {
+                Placement::OneCore => Goal::RatioAtMost(1.6),
+                _ => Goal::RatioAtMost(1.2),
             };
             let note = format!(
                 "{rounds} round trips per rep after {warmup}{}",
-                if pinned {
-                    format!(", every process on CPU {}", plan.cpu)
-                } else {
-                    String::new()
+                match placement {
+                    Placement::Unpinned => String::new(),
+                    Placement::OneCore => format!(", every process on CPU {}", plan.cpu),
+                    Placement::CrossCore => format!(
+                        ", the root on CPU {}, the rest of the chain on CPU {other}",
+                        plan.cpu
+                    ),
                 }
             );
             rows.push(

@@ -98,11 +98,18 @@ impl FrameReader {
 }
 
 /// Round trips of a 64-byte frame over a chain of `hops` links: the far end echoes, the
-/// middle relays. Returns one sample per round trip.
-pub(crate) fn round_trip(hops: usize, rounds: usize, warmup: usize) -> io::Result<Samples> {
+/// middle relays. `after_fork` runs in this process once the chain's first process is
+/// forked (to move this process to another CPU, say). Returns one sample per round trip.
+pub(crate) fn round_trip(
+    hops: usize,
+    rounds: usize,
+    warmup: usize,
+    after_fork: impl FnOnce() -> io::Result<()>,
+) -> io::Result<Samples> {
     assert!(hops >= 1);
     let (mut near, far) = pair()?;
     let child = fork_child(&[near.as_raw_fd()], move || relay_chain(far, hops - 1))?;
+    after_fork()?;
     let payload = [7u8; 64];
     let mut reader = FrameReader::new();
     let mut writer = FrameWriter::default();
