@@ -469,14 +469,27 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                     None => Ok(()),
                 }
             };
-            let (raw, fb) = alternate(
+            // The raw side runs twice per rep: blocking reads (the baseline the goals are
+            // held to) and epoll-then-read (what any reactor must do), in turns.
+            let turn = std::cell::Cell::new(0usize);
+            let raw_once = |wait: raw::Wait| -> io::Result<(stats::Samples, Duration)> {
+                let saved = pin()?;
+                let r = proc::with_cpu(|| raw::round_trip(hops, rounds, warmup, wait, after_fork));
+                unpin(saved)?;
+                r
+            };
+            let (raw_both, fb) = alternate(
                 plan,
                 plan.reps,
                 || {
-                    let saved = pin()?;
-                    let r = proc::with_cpu(|| raw::round_trip(hops, rounds, warmup, after_fork));
-                    unpin(saved)?;
-                    r
+                    turn.set(turn.get() + 1);
+                    if turn.get() % 2 == 1 {
+                        let b = raw_once(raw::Wait::Blocking)?;
+                        Ok((b, raw_once(raw::Wait::Epoll)?))
+                    } else {
+                        let e = raw_once(raw::Wait::Epoll)?;
+                        Ok((raw_once(raw::Wait::Blocking)?, e))
+                    }
                 },
                 || {
                     let saved = pin()?;
@@ -485,6 +498,8 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                     r
                 },
             )?;
+            let raw: Vec<_> = raw_both.iter().map(|(b, _)| b.clone()).collect();
+            let raw_epoll: Vec<_> = raw_both.iter().map(|(_, e)| e.clone()).collect();
             let goal = match placement {
                 Placement::OneCore => Goal::RatioAtMost(1.6),
                 _ => Goal::RatioAtMost(1.2),
@@ -520,7 +535,21 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                     raw.iter().map(|(s, _)| us(s.p99())).collect(),
                     Goal::None,
                 )
-                .note(note),
+                .note(note.clone()),
+            );
+            rows.push(
+                Row::new(
+                    "rtt",
+                    format!("{name} median, raw epoll"),
+                    Unit::Micros,
+                    fb.iter().map(|((s, _), _)| us(s.median())).collect(),
+                    raw_epoll.iter().map(|(s, _)| us(s.median())).collect(),
+                    Goal::None,
+                )
+                .note(format!(
+                    "{note}; the raw side waits in epoll_wait before each read (no timerfd, \
+                     no eventfd): the floor for any reactor"
+                )),
             );
             // CPU of every process of the rep (fork and shutdown included), per round trip.
             let per = (rounds + warmup) as f64;
@@ -539,6 +568,11 @@ fn rtt_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Res
                 "raw_min_us": raw.iter().map(|(s, _)| us(s.quantile(0.0))).collect::<Vec<_>>(),
                 "forkbus_cpu_us_per_round_trip": fb_cpu,
                 "raw_cpu_us_per_round_trip": raw_cpu,
+                "raw_epoll_p99_us": raw_epoll.iter().map(|(s, _)| us(s.p99())).collect::<Vec<_>>(),
+                "raw_epoll_cpu_us_per_round_trip": raw_epoll
+                    .iter()
+                    .map(|(_, c)| us(*c) / per)
+                    .collect::<Vec<_>>(),
                 "forkbus_tallies": fb.iter().map(|((_, t), _)| tally_json(t)).collect::<Vec<_>>(),
             }));
         }

@@ -7,11 +7,13 @@
 //! written with one `write` each (many per `write` when streaming).
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::socket::{recv, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 
 use crate::proc::{fork_child, monotonic_ns, Child, SharedStamps};
 use crate::stats::Samples;
@@ -34,7 +36,7 @@ struct FrameWriter {
 }
 
 impl FrameWriter {
-    fn write(&mut self, s: &mut UnixStream, payload: &[u8]) -> io::Result<()> {
+    fn write(&mut self, s: &mut impl Write, payload: &[u8]) -> io::Result<()> {
         self.buf.clear();
         self.buf
             .extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -62,7 +64,7 @@ impl FrameReader {
     }
 
     /// The next frame's payload; `UnexpectedEof` at end of file.
-    fn next(&mut self, s: &mut UnixStream) -> io::Result<&[u8]> {
+    fn next(&mut self, s: &mut impl Read) -> io::Result<&[u8]> {
         loop {
             let have = self.end - self.start;
             let mut need = 4;
@@ -97,19 +99,107 @@ impl FrameReader {
     }
 }
 
+/// How a raw process waits for its next frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// A blocking `read`: the floor.
+    Blocking,
+    /// `epoll_wait` (level-triggered, no timeout), then a non-blocking `read`: what any
+    /// reactor over many sockets must do at least.
+    Epoll,
+}
+
+/// A socket whose reads wait in `epoll_wait` first (one epoll instance per socket), or
+/// block in `read`.
+#[derive(Debug)]
+struct Link {
+    s: UnixStream,
+    ep: Option<OwnedFd>,
+}
+
+impl Link {
+    fn new(s: UnixStream, wait: Wait) -> io::Result<Self> {
+        let ep = match wait {
+            Wait::Blocking => None,
+            Wait::Epoll => {
+                // SAFETY: epoll_create1 takes flags and returns a new descriptor or -1.
+                let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
+                let ep = unsafe { OwnedFd::from_raw_fd(fd) };
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: 0,
+                };
+                // SAFETY: both descriptors are open; `ev` is a valid epoll_event.
+                let r = unsafe {
+                    libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev)
+                };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Some(ep)
+            }
+        };
+        Ok(Self { s, ep })
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(ep) = &self.ep else {
+            return self.s.read(buf);
+        };
+        loop {
+            let mut ev = libc::epoll_event { events: 0, u64: 0 };
+            // SAFETY: `ep` is an open epoll descriptor; `ev` has room for one event.
+            let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), &mut ev, 1, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            match recv(self.s.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => return Ok(n),
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
+    }
+}
+
 /// Round trips of a 64-byte frame over a chain of `hops` links: the far end echoes, the
-/// middle relays. `after_fork` runs in this process once the chain's first process is
-/// forked (to move this process to another CPU, say). Returns one sample per round trip.
+/// middle relays; every process waits as `wait` says. `after_fork` runs in this process
+/// once the chain's first process is forked (to move this process to another CPU, say).
+/// Returns one sample per round trip.
 pub(crate) fn round_trip(
     hops: usize,
     rounds: usize,
     warmup: usize,
+    wait: Wait,
     after_fork: impl FnOnce() -> io::Result<()>,
 ) -> io::Result<Samples> {
     assert!(hops >= 1);
-    let (mut near, far) = pair()?;
-    let child = fork_child(&[near.as_raw_fd()], move || relay_chain(far, hops - 1))?;
+    let (near, far) = pair()?;
+    let child = fork_child(&[near.as_raw_fd()], move || {
+        relay_chain(far, hops - 1, wait)
+    })?;
     after_fork()?;
+    let mut near = Link::new(near, wait)?;
     let payload = [7u8; 64];
     let mut reader = FrameReader::new();
     let mut writer = FrameWriter::default();
@@ -129,8 +219,10 @@ pub(crate) fn round_trip(
 
 /// One process of the chain: relays between its upstream link and a child further down,
 /// or echoes when it is the last. Ends at end of file.
-fn relay_chain(mut up: UnixStream, below: usize) -> i32 {
+fn relay_chain(up: UnixStream, below: usize, wait: Wait) -> i32 {
     let result = (|| -> io::Result<()> {
+        let up_fd = up.as_raw_fd();
+        let mut up = Link::new(up, wait)?;
         let mut from_up = FrameReader::new();
         let mut writer = FrameWriter::default();
         if below == 0 {
@@ -142,10 +234,11 @@ fn relay_chain(mut up: UnixStream, below: usize) -> i32 {
                 }
             }
         }
-        let (mut down, far) = pair()?;
-        let child = fork_child(&[down.as_raw_fd(), up.as_raw_fd()], move || {
-            relay_chain(far, below - 1)
-        })?;
+        let (down, far) = pair()?;
+        let mut close = vec![down.as_raw_fd(), up_fd];
+        close.extend(up.ep.as_ref().map(AsRawFd::as_raw_fd));
+        let child = fork_child(&close, move || relay_chain(far, below - 1, wait))?;
+        let mut down = Link::new(down, wait)?;
         let mut from_down = FrameReader::new();
         loop {
             match from_up.next(&mut up) {
