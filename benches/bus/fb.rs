@@ -71,6 +71,12 @@ fn run_until_stopped(bus: &mut Bus, what: &str) -> io::Result<()> {
     }
     match stop {
         Stop::Stopped => Ok(()),
+        // SIGINT or SIGTERM reached the root's bus (it blocks them and drains the tree):
+        // the bench was asked to stop.
+        Stop::Shutdown(_) => Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            format!("{what}: interrupted (SIGINT or SIGTERM)"),
+        )),
         other => Err(io::Error::other(format!(
             "{what}: the loop ended: {other:?}"
         ))),

@@ -180,9 +180,13 @@ fn main() -> io::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut groups_json = Vec::new();
     let mut extra = serde_json::Map::new();
+    let mut interrupted = false;
     for group in GROUPS {
         if only.as_ref().is_some_and(|o| !o.iter().any(|g| g == group)) {
             continue;
+        }
+        if interrupted {
+            break;
         }
         let before = proc::loadavg();
         let t = Instant::now();
@@ -213,6 +217,9 @@ fn main() -> io::Result<()> {
             }
             Err(e) => {
                 eprintln!("group {group} failed: {e}");
+                if e.kind() == io::ErrorKind::Interrupted {
+                    interrupted = true;
+                }
                 Some(e.to_string())
             }
         };
@@ -277,6 +284,9 @@ fn main() -> io::Result<()> {
     };
     let path = report::write_json(&doc, name)?;
     println!("wrote {}", path.display());
+    if interrupted {
+        return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+    }
     Ok(())
 }
 
