@@ -81,6 +81,96 @@ pub(crate) fn fork_child(close: &[RawFd], f: impl FnOnce() -> i32) -> io::Result
     }
 }
 
+/// Makes this process the reaper of its orphaned descendants (a relay or a forkbus node that
+/// dies leaves its children to the nearest subreaper, which is then this bench), so that
+/// [`reap_strays`] can wait for every one of them.
+pub(crate) fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reaps every child left (orphans adopted as a subreaper, or children nobody waited for),
+/// waiting at most `patience` for those still dying. Call it only when no [`Child`] and no
+/// bus is alive. Returns how many were reaped and how many are still running.
+pub(crate) fn reap_strays(patience: std::time::Duration) -> (usize, usize) {
+    use nix::errno::Errno;
+    use nix::sys::wait::WaitPidFlag;
+    let deadline = std::time::Instant::now() + patience;
+    let mut reaped = 0;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if std::time::Instant::now() >= deadline {
+                    return (reaped, children_of_self().len());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Ok(_) => reaped += 1,
+            Err(Errno::EINTR) => {}
+            Err(_) => return (reaped, 0),
+        }
+    }
+}
+
+/// The pids of this process's living children (from /proc; empty when it cannot tell).
+pub(crate) fn children_of_self() -> Vec<i32> {
+    let me = std::process::id();
+    std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CPU time (user + system) used so far by this process and by every descendant it has
+/// reaped (a child's own reaped descendants count in its figure).
+pub(crate) fn cpu_time() -> std::time::Duration {
+    let of = |who: i32| {
+        // SAFETY: getrusage fills the struct it is given; zeroed is a valid rusage.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage.
+        if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+            return std::time::Duration::ZERO;
+        }
+        let tv = |t: libc::timeval| {
+            std::time::Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                + std::time::Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+        };
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
+}
+
+/// Runs `f` and returns what it returned with the CPU time it and its reaped descendants
+/// used.
+pub(crate) fn with_cpu<T>(
+    f: impl FnOnce() -> io::Result<T>,
+) -> io::Result<(T, std::time::Duration)> {
+    let before = cpu_time();
+    let out = f()?;
+    Ok((out, cpu_time().saturating_sub(before)))
+}
+
+/// The 1-, 5- and 15-minute load averages.
+pub(crate) fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(f64::NAN));
+    [
+        it.next().unwrap_or(f64::NAN),
+        it.next().unwrap_or(f64::NAN),
+        it.next().unwrap_or(f64::NAN),
+    ]
+}
+
 /// Pins the calling process (and the children it forks from now on) to these CPUs; returns
 /// the previous set to restore.
 pub(crate) fn pin(cpus: &[usize]) -> io::Result<nix::sched::CpuSet> {

@@ -15,10 +15,6 @@ impl Samples {
         self.0.push(d);
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
-
     /// The `q`-quantile (0..=1), nearest rank.
     pub(crate) fn quantile(&self, q: f64) -> Duration {
         if self.0.is_empty() {
