@@ -520,7 +520,14 @@ impl Bus {
         if self.is_stopping() {
             return Err((SendError::ShuttingDown, payload));
         }
-        let now = self.now();
+        // The router uses the time only for a trace's first hop and a receipt's deadline:
+        // read the clock for those, and take the loop's time of this wake-up otherwise (a
+        // clock read per send was 6 % of a sender's time in the 64 B stream).
+        let now = if options.trace || options.receipt {
+            self.now()
+        } else {
+            self.now
+        };
         match self.router.submit(now, to, payload, options) {
             Ok(id) => Ok(id),
             Err(Refused { error, payload }) => {
