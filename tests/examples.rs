@@ -14,9 +14,11 @@
 //! an example leaves behind is reparented here, so after the example exits, the group must
 //! be empty and no orphan may turn up.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
@@ -34,71 +36,10 @@ struct Run {
     took: Duration,
 }
 
-/// The newest modification time among an example's sources and the library's.
-fn newest_source(example: &str) -> SystemTime {
-    let root = Path::new(ROOT);
-    let mut newest = SystemTime::UNIX_EPOCH;
-    let mut visit = vec![
-        root.join("examples").join(format!("{example}.rs")),
-        root.join("Cargo.toml"),
-        root.join("Cargo.lock"),
-        root.join("src"),
-        root.join("runtime/src"),
-        root.join("router/src"),
-    ];
-    while let Some(p) = visit.pop() {
-        if let Ok(dir) = std::fs::read_dir(&p) {
-            visit.extend(dir.flatten().map(|e| e.path()));
-        } else if let Ok(t) = std::fs::metadata(&p).and_then(|m| m.modified()) {
-            newest = newest.max(t);
-        }
-    }
-    newest
-}
-
-/// The example's binary, fresh; built when missing or stale.
-fn binary(example: &str) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    // target/<profile>/deps/examples-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("cannot locate the target directory")?;
-    let beside = profile_dir.join("examples").join(example);
-    let fresh = |p: &Path| {
-        std::fs::metadata(p)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t >= newest_source(example))
-    };
-    if fresh(&beside) {
-        return Ok(beside);
-    }
-    let target = profile_dir
-        .parent()
-        .ok_or("cannot locate the target directory")?
-        .join("examples-test");
-    let built = target.join("debug").join("examples").join(example);
-    if fresh(&built) {
-        return Ok(built);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    println!("building example {example} into {} ...", target.display());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "--example", example, "--target-dir"])
-        .arg(&target)
-        .current_dir(ROOT)
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("cargo build --example {example}: {status}"));
-    }
-    Ok(built)
-}
-
 /// Runs an example in its own process group; fails on a deadline, a non-zero exit, or a
 /// process left behind.
 fn run(example: &str, args: &[&str], scratch: &Path) -> Result<Run, String> {
-    let bin = binary(example)?;
+    let bin = common::example_binary(example)?;
     let out_path = scratch.join(format!("{example}.out"));
     let err_path = scratch.join(format!("{example}.err"));
     let file = |p: &Path| std::fs::File::create(p).map_err(|e| e.to_string());

@@ -20,12 +20,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::{ensure, Harness};
 use nix::errno::Errno;
@@ -33,7 +33,6 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid as NixPid;
 
 /// The workspace root (the facade crate's manifest directory).
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// Per scenario (a loaded 2-core machine, a debug build).
 const DEADLINE: Duration = Duration::from_secs(120);
 /// A response slower than this is a failure.
@@ -41,67 +40,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------
 // The binary (as tests/examples.rs finds it).
-
-/// The newest modification time among the example's sources and the library's.
-fn newest_source(example: &str) -> SystemTime {
-    let root = Path::new(ROOT);
-    let mut newest = SystemTime::UNIX_EPOCH;
-    let mut visit = vec![
-        root.join("examples").join(format!("{example}.rs")),
-        root.join("Cargo.toml"),
-        root.join("Cargo.lock"),
-        root.join("src"),
-        root.join("runtime/src"),
-        root.join("router/src"),
-    ];
-    while let Some(p) = visit.pop() {
-        if let Ok(dir) = std::fs::read_dir(&p) {
-            visit.extend(dir.flatten().map(|e| e.path()));
-        } else if let Ok(t) = std::fs::metadata(&p).and_then(|m| m.modified()) {
-            newest = newest.max(t);
-        }
-    }
-    newest
-}
-
-/// The example's binary, fresh: beside this test's directory (`cargo test` builds the
-/// examples), or built with `$CARGO build --example` into `target/examples-test`.
-fn binary(example: &str) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("cannot locate the target directory")?;
-    let beside = profile_dir.join("examples").join(example);
-    let fresh = |p: &Path| {
-        std::fs::metadata(p)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t >= newest_source(example))
-    };
-    if fresh(&beside) {
-        return Ok(beside);
-    }
-    let target = profile_dir
-        .parent()
-        .ok_or("cannot locate the target directory")?
-        .join("examples-test");
-    let built = target.join("debug").join("examples").join(example);
-    if fresh(&built) {
-        return Ok(built);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    println!("building example {example} into {} ...", target.display());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "--example", example, "--target-dir"])
-        .arg(&target)
-        .current_dir(ROOT)
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("cargo build --example {example}: {status}"));
-    }
-    Ok(built)
-}
 
 // ---------------------------------------------------------------------------------------
 // The server as a child process.
@@ -939,7 +877,7 @@ fn throughput(bin: &Path) -> Result<(), String> {
 
 fn main() {
     let mut h = Harness::new();
-    let bin = match binary("prefork_http") {
+    let bin = match common::example_binary("prefork_http") {
         Ok(b) => b,
         Err(e) => {
             println!("cannot find or build the example: {e}");

@@ -10,8 +10,10 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use forkbus::{Bus, Pid, Stop};
 use nix::errno::Errno;
@@ -484,4 +486,67 @@ pub fn shutdown(mut bus: Bus) -> Result<(), String> {
         }),
         other => Err(format!("shutdown ended with {other:?}")),
     }
+}
+
+/// The newest modification time among an example's sources and the library's.
+fn newest_source(example: &str) -> SystemTime {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut newest = SystemTime::UNIX_EPOCH;
+    let mut visit = vec![
+        root.join("examples").join(format!("{example}.rs")),
+        root.join("Cargo.toml"),
+        root.join("Cargo.lock"),
+        root.join("src"),
+        root.join("runtime/src"),
+        root.join("router/src"),
+    ];
+    while let Some(p) = visit.pop() {
+        if let Ok(dir) = std::fs::read_dir(&p) {
+            visit.extend(dir.flatten().map(|e| e.path()));
+        } else if let Ok(t) = std::fs::metadata(&p).and_then(|m| m.modified()) {
+            newest = newest.max(t);
+        }
+    }
+    newest
+}
+
+/// An example's binary, fresh: beside this test's directory (`cargo test` builds the
+/// examples), or built with `$CARGO build --example` into `target/examples-test` when
+/// missing or older than the sources (the running cargo holds the usual target's lock).
+pub fn example_binary(example: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // target/<profile>/deps/examples-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("cannot locate the target directory")?;
+    let beside = profile_dir.join("examples").join(example);
+    let fresh = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= newest_source(example))
+    };
+    if fresh(&beside) {
+        return Ok(beside);
+    }
+    let target = profile_dir
+        .parent()
+        .ok_or("cannot locate the target directory")?
+        .join("examples-test");
+    let built = target.join("debug").join("examples").join(example);
+    if fresh(&built) {
+        return Ok(built);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!("building example {example} into {} ...", target.display());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--example", example, "--target-dir"])
+        .arg(&target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build --example {example}: {status}"));
+    }
+    Ok(built)
 }
