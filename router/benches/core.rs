@@ -14,11 +14,13 @@
 //! - `forward`: the line A - B - C, A sends to C; end to end, and the time spent in B's calls
 //!   alone (one forwarding hop);
 //! - `broadcast`: a star of a root and 8 children; the root broadcasts, every child
-//!   delivers.
+//!   delivers;
+//! - `tables`: a link with 4k and 64k nodes behind it going down (per node removed), and
+//!   envelopes from ever new origins against a full seen table (per origin).
 //!
 //! Prints a table and writes JSON to `forkbus-router-bench.json` in the target directory.
 //! Run with `cargo bench -p forkbus-router --bench core`; append `-- unicast` (or `codec`,
-//! `forward`, `broadcast`) to run one group, e.g. under a profiler.
+//! `forward`, `broadcast`, `tables`) to run one group, e.g. under a profiler.
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -29,8 +31,8 @@ use forkbus_router::wire::{
     decode_frame, decode_stream, encode_envelope, DecodeLimits, Deframer, Frame,
 };
 use forkbus_router::{
-    Destination, Envelope, Event, Flags, LinkId, MessageId, NodeId, ProtocolError, Router,
-    RouterConfig, SendOptions, Timestamp,
+    Destination, Envelope, Event, Flags, LinkId, LinkRole, MessageId, NodeId, ProtocolError,
+    Router, RouterConfig, SendOptions, Timestamp,
 };
 
 const PAYLOAD: usize = 64;
@@ -214,12 +216,12 @@ impl Net {
         self.nodes[i].node()
     }
 
-    /// Links `a` and `b`, each side declared with the other's id (as after fork), and
+    /// Links `a` (the parent) and `b` (the child), each side declared with the other's id, and
     /// settles the hellos and route updates.
     fn connect(&mut self, a: usize, b: usize) {
         let (ida, idb) = (self.id(a), self.id(b));
-        let la = self.nodes[a].handle_link_up(self.now, Some(idb));
-        let lb = self.nodes[b].handle_link_up(self.now, Some(ida));
+        let la = self.nodes[a].handle_link_up(self.now, Some(idb), LinkRole::Child);
+        let lb = self.nodes[b].handle_link_up(self.now, Some(ida), LinkRole::Parent);
         for (node, link, other) in [(a, la, (b, lb)), (b, lb, (a, la))] {
             let slots = &mut self.peer[node];
             if slots.len() <= link.index() {
@@ -464,6 +466,91 @@ fn bench_broadcast() -> [Row; 2] {
     [per_broadcast, deliveries]
 }
 
+/// A router whose child link announced `n` nodes with two names each, ready to go down.
+fn announced(n: u32) -> (Router, LinkId) {
+    use forkbus_router::wire::{encode_frame, Hello, NodeInfo, RouteUpdate, WIRE_VERSION};
+    let mut config = RouterConfig::default();
+    config.max_nodes = 1 << 17;
+    config.max_names = 1 << 18;
+    let mut r = Router::new(NodeId::new(0, 1, 1), config).expect("valid");
+    let now = Timestamp::from_nanos(1);
+    let child = NodeId::new(0, 2, 1);
+    let link = r.handle_link_up(now, Some(child), LinkRole::Child);
+    let mut bytes = Vec::new();
+    encode_frame(
+        &mut bytes,
+        &Frame::Hello(Hello {
+            version: WIRE_VERSION,
+            node: child,
+        }),
+    );
+    for chunk in 0..n.div_ceil(1000) {
+        let upsert = (chunk * 1000..((chunk + 1) * 1000).min(n))
+            .map(|k| NodeInfo {
+                node: NodeId::new(0, 10 + k, 1),
+                version: 1,
+                names: vec![format!("a{k}"), format!("b{k}")],
+                groups: vec!["all".into()],
+            })
+            .collect();
+        encode_frame(
+            &mut bytes,
+            &Frame::Routes(RouteUpdate {
+                upsert,
+                ..RouteUpdate::default()
+            }),
+        );
+    }
+    r.handle_input(now, link, &bytes).expect("valid");
+    while r.poll_event().is_some() {}
+    (r, link)
+}
+
+/// Teardown of a link with many nodes and names behind it, per node removed: flat from 4k
+/// to 64k nodes when teardown costs what it removes (a scan per removal made it grow with
+/// the table: ~10 s for 64k).
+fn bench_teardown() -> [Row; 2] {
+    let mut rows = Vec::new();
+    for (name, n) in [
+        ("teardown, 4k nodes", 4_096u32),
+        ("teardown, 64k nodes", 65_536),
+    ] {
+        let mut row = measure(name, "ns/node removed", u64::from(n), || {
+            let (mut r, link) = announced(n);
+            let start = Instant::now();
+            r.handle_link_down(Timestamp::from_nanos(2), link)
+                .expect("open");
+            let elapsed = start.elapsed();
+            assert!(r.routes().is_empty());
+            elapsed
+        });
+        row.note = "2 names and a group per node".into();
+        rows.push(row);
+    }
+    let [a, b]: [Row; 2] = rows.try_into().expect("two rows");
+    [a, b]
+}
+
+/// Envelopes each from a new origin while the seen table is full (every one evicts the
+/// least recently used window): O(1) per origin, like any envelope.
+fn bench_fresh_origins() -> Row {
+    const N: u64 = 200_000;
+    let mut seen = forkbus_router::SeenTable::new(NodeId::new(0, 1, 1), 4096);
+    let mut next = 0u32;
+    measure("seen table, fresh origin", "ns/origin", N, || {
+        let start = Instant::now();
+        for _ in 0..N {
+            next = next.wrapping_add(1);
+            let id = MessageId {
+                origin: NodeId::new(0, next, 1),
+                seq: 0,
+            };
+            black_box(seen.insert(id));
+        }
+        start.elapsed()
+    })
+}
+
 /// Where the JSON goes: `CARGO_TARGET_DIR` when it is absolute, else the target directory
 /// this bench was built in (the ancestor of the executable holding cargo's `CACHEDIR.TAG`),
 /// else the workspace's `target/`.
@@ -539,6 +626,10 @@ fn main() {
     }
     if wanted("broadcast") {
         rows.extend(bench_broadcast());
+    }
+    if wanted("tables") {
+        rows.extend(bench_teardown());
+        rows.push(bench_fresh_origins());
     }
     let total = start.elapsed();
 

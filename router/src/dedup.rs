@@ -56,12 +56,29 @@ impl SeenWindow {
 
 /// Seen windows for a bounded number of origins; the least recently used one is forgotten
 /// when a new origin would exceed the bound.
+///
+/// Every operation is O(1): the windows sit in a slab threaded on a doubly linked list in
+/// order of use, most recent at the head, so the origin to evict is the tail.
+///
+/// ```text
+///   map: origin ─► slot        head ─► [slot] ⇄ [slot] ⇄ … ⇄ [slot] ◄─ tail (evicted next)
+/// ```
 #[derive(Debug)]
 pub struct SeenTable {
-    windows: Map<NodeId, (SeenWindow, u64)>,
+    index: Map<NodeId, usize>,
+    slots: slab::Slab<Slot>,
+    head: Option<usize>,
+    tail: Option<usize>,
     max_origins: usize,
-    clock: u64,
     evicted: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    origin: NodeId,
+    window: SeenWindow,
+    prev: Option<usize>,
+    next: Option<usize>,
 }
 
 impl SeenTable {
@@ -69,56 +86,93 @@ impl SeenTable {
     /// node `me` (which seeds its hasher).
     pub fn new(me: NodeId, max_origins: usize) -> Self {
         Self {
-            windows: hash::map(me),
+            index: hash::map(me),
+            slots: slab::Slab::new(),
+            head: None,
+            tail: None,
             max_origins: max_origins.max(1),
-            clock: 0,
             evicted: 0,
         }
     }
 
     /// Records `id`; returns `false` when it is a duplicate.
     pub fn insert(&mut self, id: MessageId) -> bool {
-        self.clock += 1;
-        let clock = self.clock;
-        if let Some((window, used)) = self.windows.get_mut(&id.origin) {
-            *used = clock;
-            return window.insert(id.seq);
+        if let Some(&slot) = self.index.get(&id.origin) {
+            self.unlink(slot);
+            self.push_front(slot);
+            return self.slots[slot].window.insert(id.seq);
         }
-        if self.windows.len() >= self.max_origins {
-            let oldest = self
-                .windows
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(node, _)| *node);
-            if let Some(node) = oldest {
-                self.windows.remove(&node);
+        if self.slots.len() >= self.max_origins {
+            if let Some(oldest) = self.tail {
+                self.remove_slot(oldest);
                 self.evicted += 1;
             }
         }
         let mut window = SeenWindow::default();
         let fresh = window.insert(id.seq);
-        self.windows.insert(id.origin, (window, clock));
+        let slot = self.slots.insert(Slot {
+            origin: id.origin,
+            window,
+            prev: None,
+            next: None,
+        });
+        self.index.insert(id.origin, slot);
+        self.push_front(slot);
         fresh
     }
 
     /// Forgets an origin (it left the tree).
     pub fn forget(&mut self, origin: &NodeId) {
-        self.windows.remove(origin);
+        if let Some(&slot) = self.index.get(origin) {
+            self.remove_slot(slot);
+        }
     }
 
     /// Origins tracked now.
     pub fn len(&self) -> usize {
-        self.windows.len()
+        self.slots.len()
     }
 
     /// Whether no origin is tracked.
     pub fn is_empty(&self) -> bool {
-        self.windows.is_empty()
+        self.slots.is_empty()
     }
 
     /// Origins forgotten to stay within the bound.
     pub fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    fn remove_slot(&mut self, slot: usize) {
+        self.unlink(slot);
+        let s = self.slots.remove(slot);
+        self.index.remove(&s.origin);
+    }
+
+    fn unlink(&mut self, slot: usize) {
+        let (prev, next) = (self.slots[slot].prev, self.slots[slot].next);
+        match prev {
+            Some(p) => self.slots[p].next = next,
+            None => self.head = next,
+        }
+        match next {
+            Some(n) => self.slots[n].prev = prev,
+            None => self.tail = prev,
+        }
+        self.slots[slot].prev = None;
+        self.slots[slot].next = None;
+    }
+
+    fn push_front(&mut self, slot: usize) {
+        self.slots[slot].next = self.head;
+        self.slots[slot].prev = None;
+        if let Some(h) = self.head {
+            self.slots[h].prev = Some(slot);
+        }
+        self.head = Some(slot);
+        if self.tail.is_none() {
+            self.tail = Some(slot);
+        }
     }
 }
 
@@ -181,6 +235,53 @@ mod tests {
         assert!(t.insert(id(2, 0)), "2 was forgotten");
         t.forget(&node(1));
         assert!(t.insert(id(1, 0)));
+    }
+
+    /// Checks the table against a naive model (a list in order of use) under random
+    /// operations, eviction included.
+    #[test]
+    fn lru_matches_a_naive_model() {
+        let node = |pid| NodeId::new(0, pid, 0);
+        let mut t = SeenTable::new(NodeId::new(0, 1, 1), 5);
+        let mut model: Vec<(u32, SeenWindow)> = Vec::new();
+        let mut x: u64 = 7;
+        for _ in 0..5000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let pid = ((x >> 33) % 9) as u32;
+            let seq = (x >> 40) % 300;
+            if (x >> 20) % 17 == 0 {
+                t.forget(&node(pid));
+                model.retain(|(p, _)| *p != pid);
+                continue;
+            }
+            let expect = match model.iter().position(|(p, _)| *p == pid) {
+                Some(i) => {
+                    let (p, mut w) = model.remove(i);
+                    let fresh = w.insert(seq);
+                    model.insert(0, (p, w));
+                    fresh
+                }
+                None => {
+                    if model.len() == 5 {
+                        model.pop();
+                    }
+                    let mut w = SeenWindow::default();
+                    let fresh = w.insert(seq);
+                    model.insert(0, (pid, w));
+                    fresh
+                }
+            };
+            assert_eq!(
+                t.insert(MessageId {
+                    origin: node(pid),
+                    seq
+                }),
+                expect
+            );
+            assert_eq!(t.len(), model.len());
+        }
     }
 
     #[test]

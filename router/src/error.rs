@@ -32,6 +32,20 @@ pub enum Error {
         /// The configured bound.
         max: usize,
     },
+    /// The name is held by another node (names are unique; only a parent may hand a name
+    /// to the child it forks).
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The node holding it, as this node knows.
+        holder: NodeId,
+    },
+    /// This node has as many names or groups as the configuration allows (per node or in
+    /// the whole table).
+    TooManyNames {
+        /// The bound reached.
+        max: usize,
+    },
     /// A name or group name is empty or longer than the configured limit.
     InvalidName {
         /// Its length in bytes.
@@ -63,6 +77,10 @@ impl fmt::Display for Error {
             Self::TooManyPendingReceipts { max } => {
                 write!(f, "{max} envelopes already await a receipt")
             }
+            Self::NameTaken { name, holder } => {
+                write!(f, "name {name:?} is held by node {holder}")
+            }
+            Self::TooManyNames { max } => write!(f, "at the bound of {max} names or groups"),
             Self::InvalidName { len, max } => {
                 write!(f, "name of {len} bytes is empty or longer than {max}")
             }
@@ -144,6 +162,31 @@ pub enum ProtocolError {
         /// The one that came.
         got: u64,
     },
+    /// The peer announced a node, or sent an envelope or notice from a node, that lives
+    /// behind another link of this router (or is this router): a node lives behind one
+    /// link, and traffic never moves it.
+    RouteConflict {
+        /// The node.
+        node: NodeId,
+    },
+    /// An envelope or notice from a node this router was never told lives behind the link
+    /// it came on.
+    UnknownOrigin {
+        /// The claimed origin.
+        node: NodeId,
+    },
+    /// The peer announced more nodes than the routing table may hold.
+    TooManyNodes {
+        /// The configured bound.
+        max: usize,
+    },
+    /// The peer announced more names or groups than allowed (per node or in all).
+    TooManyNames {
+        /// The bound passed.
+        max: usize,
+    },
+    /// A handed-over envelope came from another link than this node's parent.
+    HandedNotFromParent,
     /// An acknowledgement went backwards or covered frames not yet written.
     BadAck {
         /// The cumulative count acknowledged.
@@ -175,6 +218,19 @@ impl fmt::Display for ProtocolError {
             }
             Self::SequenceGap { expected, got } => {
                 write!(f, "link sequence {got} where {expected} was due")
+            }
+            Self::RouteConflict { node } => {
+                write!(f, "node {node} lives behind another link")
+            }
+            Self::UnknownOrigin { node } => {
+                write!(f, "node {node} was never announced behind this link")
+            }
+            Self::TooManyNodes { max } => write!(f, "more than {max} nodes announced"),
+            Self::TooManyNames { max } => {
+                write!(f, "more than {max} names or groups announced")
+            }
+            Self::HandedNotFromParent => {
+                f.write_str("a handed-over envelope from another link than the parent's")
             }
             Self::BadAck {
                 acked,

@@ -16,7 +16,7 @@ use std::time::Duration;
 ///   tree today)  address)     new one, so its sequence numbers, routes and
 ///                             loss notices never mix with the dead node's
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId {
     /// The host or tree part; every node of one tree shares it.
     pub host: u32,
@@ -99,9 +99,21 @@ impl fmt::Display for LinkId {
 pub enum Destination {
     /// One node, this very incarnation of it.
     Node(NodeId),
-    /// The node that registered this name (names are unique; a name follows a supervised
-    /// worker across restarts).
+    /// The node that holds this name (names are unique; a name follows a supervised worker
+    /// across restarts). The sender's router binds it to the node the name resolves to
+    /// there ([`Destination::NameAt`]); on the wire it stays unbound only when flooded for
+    /// want of a holder ([`NoRoutePolicy::Flood`](crate::NoRoutePolicy::Flood)).
     Name(String),
+    /// A name as bound by the sender: the envelope goes to `node`, the holder of `name` when
+    /// it was sent, and its outcome is about that node. A node that has left makes it a
+    /// loss (`no route`, safe to retry: the retry resolves the name again) or, once taken,
+    /// an unknown fate; it is never delivered to another holder behind the sender's back.
+    NameAt {
+        /// The name it was addressed to.
+        name: String,
+        /// The node that held it at the sender.
+        node: NodeId,
+    },
     /// Every member of this group, once each.
     Group(String),
     /// Every node of the tree but the sender, once each.
@@ -111,7 +123,49 @@ pub enum Destination {
 impl Destination {
     /// Whether an envelope to this destination goes to exactly one node.
     pub fn is_unicast(&self) -> bool {
-        matches!(self, Self::Node(_) | Self::Name(_))
+        matches!(self, Self::Node(_) | Self::Name(_) | Self::NameAt { .. })
+    }
+
+    /// The name it was addressed to, for [`Destination::Name`] and [`Destination::NameAt`].
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::Name(n) | Self::NameAt { name: n, .. } => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// What a link is to this node, which decides what its peer may say.
+///
+/// ```text
+///   Parent   the link this node was forked (or started) on: speaks for every node
+///            outside this node's subtree
+///   Child    a link to a node this one forked or started: speaks for that child's
+///            subtree only
+///   Peer     any other link (a redundant path, a test's raw peer): speaks for its own
+///            neighbour only, and only when the tree does not know it already
+/// ```
+///
+/// Where a node lives is fixed by the first link that announced it (a parent knows its
+/// child from the fork); traffic never moves it. An envelope or announcement on a tree
+/// link (parent or child) that contradicts this is a protocol violation of that link. A
+/// flooded copy over a peer link from an origin that lives elsewhere is dropped as
+/// redundant (the tree carries the same envelope).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LinkRole {
+    /// The link to this node's parent.
+    Parent,
+    /// A link to a child of this node.
+    Child,
+    /// Any other link.
+    #[default]
+    Peer,
+}
+
+impl LinkRole {
+    /// Whether the link is an edge of the tree (parent or child).
+    pub fn is_tree(self) -> bool {
+        matches!(self, Self::Parent | Self::Child)
     }
 }
 
@@ -120,6 +174,7 @@ impl fmt::Display for Destination {
         match self {
             Self::Node(n) => write!(f, "node {n}"),
             Self::Name(n) => write!(f, "name {n:?}"),
+            Self::NameAt { name, node } => write!(f, "name {name:?} at {node}"),
             Self::Group(g) => write!(f, "group {g:?}"),
             Self::Broadcast => f.write_str("broadcast"),
         }

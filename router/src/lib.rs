@@ -49,8 +49,10 @@ pub mod wire;
 
 pub use dedup::{SeenTable, SeenWindow};
 pub use error::{Error, ProtocolError};
-pub use event::{DownCause, Event, LinkDown, LossReason, LossReport, LostEnvelope, WriteState};
-pub use id::{Address, Destination, LinkId, MessageId, NodeId, Timestamp};
+pub use event::{
+    DownCause, Event, Fate, LinkDown, LossReason, LossReport, LostEnvelope, UnknownReason,
+};
+pub use id::{Address, Destination, LinkId, LinkRole, MessageId, NodeId, Timestamp};
 pub use router::{LinkStats, NoRoutePolicy, Refused, Router, RouterConfig, SendOptions};
 pub use stats::{LossStats, RouterStats};
 pub use wire::{Envelope, Flags, Hop};

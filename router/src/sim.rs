@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::event::Event;
-use crate::id::{Address, LinkId, MessageId, NodeId, Timestamp};
+use crate::id::{Address, LinkId, LinkRole, MessageId, NodeId, Timestamp};
 use crate::router::{Refused, Router, RouterConfig, SendOptions};
 use crate::wire::{decode_stream, DecodeLimits, Frame};
 
@@ -182,14 +182,22 @@ impl Sim {
     /// Forks a child of `parent` the way the runtime does ([`Router::handle_fork`] and
     /// [`Router::forked_child`]): the child knows its parent's whole table from the start.
     pub fn add_child(&mut self, parent: usize) -> Result<usize, Error> {
+        self.add_child_named(parent, &[])
+    }
+
+    /// Forks a child holding `names` from birth, as the runtime forks a named child:
+    /// refused ([`Error::NameTaken`]) unless each name is free, the parent's, or one of the
+    /// parent's children's (a replacement takes it over).
+    pub fn add_child_named(&mut self, parent: usize, names: &[String]) -> Result<usize, Error> {
         let idx = self.nodes.len();
         let me = Self::node_id(idx);
         let now = self.now;
+        self.nodes[parent].router.check_fork_names(names)?;
         let (router, lc) =
             self.nodes[parent]
                 .router
-                .forked_child(now, me, &[], self.config.router.clone())?;
-        let lp = self.nodes[parent].router.handle_fork(now, me, &[]);
+                .forked_child(now, me, names, self.config.router.clone())?;
+        let lp = self.nodes[parent].router.handle_fork(now, me, names);
         self.nodes.push(SimNode {
             router,
             alive: true,
@@ -216,13 +224,18 @@ impl Sim {
         Ok(idx)
     }
 
-    /// Joins two nodes with a new wire (beyond the tree: a redundant path). Returns the
-    /// wire's index.
+    /// Joins two nodes with a new wire as peers (beyond the tree: a redundant path that
+    /// carries floods, which the seen windows and origin checks drop). Returns the wire's
+    /// index.
     pub fn connect(&mut self, a: usize, b: usize) -> usize {
         let now = self.now;
         let (ida, idb) = (Self::node_id(a), Self::node_id(b));
-        let la = self.nodes[a].router.handle_link_up(now, Some(idb));
-        let lb = self.nodes[b].router.handle_link_up(now, Some(ida));
+        let la = self.nodes[a]
+            .router
+            .handle_link_up(now, Some(idb), LinkRole::Peer);
+        let lb = self.nodes[b]
+            .router
+            .handle_link_up(now, Some(ida), LinkRole::Peer);
         self.wires.push(Wire {
             ends: [(a, la), (b, lb)],
             cut: false,
@@ -370,10 +383,7 @@ impl Sim {
         }
         let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
         let frame = bytes.get(..4 + len)?;
-        let limits = DecodeLimits {
-            max_frame: self.config.router.max_frame,
-            max_name: self.config.router.max_name,
-        };
+        let limits = DecodeLimits::from(&self.config.router);
         match decode_stream(frame, limits).ok()?.as_slice() {
             [Frame::Envelope { .. }] if bytes.len() == frame.len() => Some(frame.to_vec()),
             _ => None,

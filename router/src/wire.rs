@@ -14,10 +14,18 @@
 //!             dst_kind, dst.., payload, trace?]
 //!             dst_kind 0: node [host, pid, inc]   1: name [text]
 //!                      2: group [text]            3: broadcast []
+//!                      4: name at node [text, host, pid, inc]
 //!             trace (when flags has TRACE): [[host, pid, inc, link+1 or 0, at_nanos], ..]
 //!  ack       [cumulative envelope frames received]
-//!  routes    [[[host, pid, inc, version, [names..], [groups..]], ..], [[host, pid, inc], ..]]
+//!  routes    [[full..], [removed..], [delta..]]
+//!             full     [host, pid, inc, version, [names..], [groups..]]
+//!             removed  [host, pid, inc]
+//!             delta    [host, pid, inc, version, [+names..], [-names..], [+groups..], [-groups..]]
 //!  control   [code, data]
+//!  notice    [o.host, o.pid, o.inc, seq, from.host, from.pid, from.inc, hops, kind, arg..]
+//!             to the origin o of envelope seq, said by node `from`:
+//!             kind 0: delivered []   1: lost or unknown [fate code, receipt 0|1]
+//!             2: moved to a new holder [host, pid, inc] (custody handed it over)
 //! ```
 //!
 //! The header is an array of integers with no field names, and the payload one byte string,
@@ -27,12 +35,13 @@
 use crate::cbor::{head_len, put_head, read_head, ARRAY, BYTES, TEXT, UINT};
 
 use crate::error::ProtocolError;
+use crate::event::Fate;
 use crate::id::{Destination, MessageId, NodeId, Timestamp};
 
 /// The magic number that opens every hello: `"FKBS"`.
 pub const MAGIC: u32 = 0x464b_4253;
 /// The version of the wire format this crate speaks.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 /// Bytes before a frame's body: the length prefix and the kind.
 pub const FRAME_HEADER_LEN: usize = 5;
 
@@ -41,6 +50,7 @@ const KIND_ENVELOPE: u8 = 2;
 const KIND_ACK: u8 = 3;
 const KIND_ROUTES: u8 = 4;
 const KIND_CONTROL: u8 = 5;
+const KIND_NOTICE: u8 = 6;
 
 /// Per-envelope flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -51,8 +61,9 @@ impl Flags {
     pub const RECEIPT: Self = Self(1);
     /// Every hop appends itself to the envelope's trace.
     pub const TRACE: Self = Self(2);
-    /// A router-to-router notice (receipt or loss notice), never shown to the application.
-    pub const SYSTEM: Self = Self(4);
+    /// Handed over by a name's custodian to the name's new holder, its child: taken as is
+    /// (origin, id and flags kept), accepted only from the receiver's parent.
+    pub const HANDED: Self = Self(4);
     const ALL: u8 = 0b111;
 
     /// No flag set.
@@ -127,7 +138,7 @@ pub struct Hello {
 
 /// One node as announced in a route update: it exists behind the link the update came on,
 /// with these names and groups (replacing what was known of it).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct NodeInfo {
     /// The node.
     pub node: NodeId,
@@ -140,20 +151,86 @@ pub struct NodeInfo {
     pub groups: Vec<String>,
 }
 
-/// Nodes that joined (or changed) and nodes that left, behind the link the update came on.
+/// A change to one known node's names and groups: what a registration or a leave
+/// announces, instead of the node's whole lists.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeDelta {
+    /// The node.
+    pub node: NodeId,
+    /// Its announcement counter after this change (applied only when newer).
+    pub version: u64,
+    /// Names it registered.
+    pub add_names: Vec<String>,
+    /// Names it gave up.
+    pub remove_names: Vec<String>,
+    /// Groups it joined.
+    pub join_groups: Vec<String>,
+    /// Groups it left.
+    pub leave_groups: Vec<String>,
+}
+
+impl NodeDelta {
+    /// Whether the delta changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.add_names.is_empty()
+            && self.remove_names.is_empty()
+            && self.join_groups.is_empty()
+            && self.leave_groups.is_empty()
+    }
+}
+
+/// Nodes that joined, changed or left, behind the link the update came on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RouteUpdate {
-    /// Nodes reachable through the sender, with their names and groups.
+    /// Nodes reachable through the sender, with all their names and groups.
     pub upsert: Vec<NodeInfo>,
     /// Nodes no longer reachable through the sender.
     pub remove: Vec<NodeId>,
+    /// Changes to nodes known already.
+    pub change: Vec<NodeDelta>,
 }
 
 impl RouteUpdate {
     /// Whether the update says nothing.
     pub fn is_empty(&self) -> bool {
-        self.upsert.is_empty() && self.remove.is_empty()
+        self.upsert.is_empty() && self.remove.is_empty() && self.change.is_empty()
     }
+}
+
+/// What a notice says about an envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoticeKind {
+    /// The destination took it (a delivery receipt).
+    Delivered,
+    /// It was lost, or its fate is unknown, at the notice's sender.
+    Lost {
+        /// What is known of its fate.
+        fate: Fate,
+        /// Whether it was sent with a receipt (its origin then has it pending, or resolved
+        /// it already: no second report).
+        receipt: bool,
+    },
+    /// A name's custodian handed it over to this node, the name's new holder: the receipt
+    /// now waits on it.
+    Moved(NodeId),
+}
+
+/// A router-to-router notice about an envelope, routed hop by hop to the envelope's origin
+/// on the link's control stream: never queued with envelopes, never dropped while the
+/// links to the origin stand (each answers an envelope that crossed the same links, so
+/// acknowledgements pace them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// The envelope's origin: where the notice goes.
+    pub origin: NodeId,
+    /// The envelope's sequence number.
+    pub seq: u64,
+    /// The node that says so (checked: it must live behind the link the notice came on).
+    pub from: NodeId,
+    /// Links traversed so far.
+    pub hops: u8,
+    /// What it says.
+    pub kind: NoticeKind,
 }
 
 /// One decoded frame.
@@ -172,6 +249,8 @@ pub enum Frame {
     Ack(u64),
     /// Routing table changes.
     Routes(RouteUpdate),
+    /// A receipt or loss notice on its way to an envelope's origin.
+    Notice(Notice),
     /// A link-level control message for the runtime.
     Control {
         /// The runtime's code.
@@ -188,6 +267,8 @@ pub struct DecodeLimits {
     pub max_frame: u32,
     /// Longest name or group name, in bytes.
     pub max_name: usize,
+    /// Most names (and, separately, groups) one node's entry of a route update may list.
+    pub max_names_per_node: usize,
 }
 
 impl Default for DecodeLimits {
@@ -195,6 +276,7 @@ impl Default for DecodeLimits {
         Self {
             max_frame: 1 << 20,
             max_name: 256,
+            max_names_per_node: 64,
         }
     }
 }
@@ -239,6 +321,13 @@ impl<'a> FrameWriter<'a> {
         self.uint(n.incarnation.into());
     }
 
+    fn texts(&mut self, v: &[String]) {
+        self.array(v.len());
+        for s in v {
+            self.text(s);
+        }
+    }
+
     fn finish(self) -> usize {
         let len = self.out.len() - self.start;
         let body = u32::try_from(len - 4).unwrap_or(u32::MAX);
@@ -253,6 +342,7 @@ pub fn encode_envelope(out: &mut Vec<u8>, link_seq: u64, env: &Envelope) -> usiz
     let dst_fields = match env.destination {
         Destination::Node(_) => 3,
         Destination::Name(_) | Destination::Group(_) => 1,
+        Destination::NameAt { .. } => 4,
         Destination::Broadcast => 0,
     };
     let traced = env.flags.contains(Flags::TRACE);
@@ -277,6 +367,11 @@ pub fn encode_envelope(out: &mut Vec<u8>, link_seq: u64, env: &Envelope) -> usiz
             w.text(s);
         }
         Destination::Broadcast => w.uint(3),
+        Destination::NameAt { name, node } => {
+            w.uint(4);
+            w.text(name);
+            w.node(*node);
+        }
     }
     w.bytes(&env.payload);
     if traced {
@@ -311,25 +406,55 @@ pub fn encode_frame(out: &mut Vec<u8>, frame: &Frame) -> usize {
         }
         Frame::Routes(update) => {
             let mut w = FrameWriter::begin(out, KIND_ROUTES);
-            w.array(2);
+            w.array(3);
             w.array(update.upsert.len());
             for info in &update.upsert {
                 w.array(6);
                 w.node(info.node);
                 w.uint(info.version);
-                w.array(info.names.len());
-                for n in &info.names {
-                    w.text(n);
-                }
-                w.array(info.groups.len());
-                for g in &info.groups {
-                    w.text(g);
-                }
+                w.texts(&info.names);
+                w.texts(&info.groups);
             }
             w.array(update.remove.len());
             for n in &update.remove {
                 w.array(3);
                 w.node(*n);
+            }
+            w.array(update.change.len());
+            for d in &update.change {
+                w.array(8);
+                w.node(d.node);
+                w.uint(d.version);
+                w.texts(&d.add_names);
+                w.texts(&d.remove_names);
+                w.texts(&d.join_groups);
+                w.texts(&d.leave_groups);
+            }
+            w.finish()
+        }
+        Frame::Notice(n) => {
+            let mut w = FrameWriter::begin(out, KIND_NOTICE);
+            let args = match n.kind {
+                NoticeKind::Delivered => 0,
+                NoticeKind::Lost { .. } => 2,
+                NoticeKind::Moved(_) => 3,
+            };
+            w.array(9 + args);
+            w.node(n.origin);
+            w.uint(n.seq);
+            w.node(n.from);
+            w.uint(n.hops.into());
+            match n.kind {
+                NoticeKind::Delivered => w.uint(0),
+                NoticeKind::Lost { fate, receipt } => {
+                    w.uint(1);
+                    w.uint(fate.code());
+                    w.uint(receipt.into());
+                }
+                NoticeKind::Moved(to) => {
+                    w.uint(2);
+                    w.node(to);
+                }
             }
             w.finish()
         }
@@ -352,6 +477,7 @@ pub fn envelope_frame_len(link_seq: u64, env: &Envelope) -> usize {
     let dst = match &env.destination {
         Destination::Node(n) => node(*n),
         Destination::Name(s) | Destination::Group(s) => text(s),
+        Destination::NameAt { name, node: n } => text(name) + node(*n),
         Destination::Broadcast => 0,
     };
     let traced = env.flags.contains(Flags::TRACE);
@@ -402,75 +528,6 @@ pub fn encode_ack_fixed(out: &mut Vec<u8>, cumulative: u64) -> usize {
 pub fn raise_ack(out: &mut [u8], at: usize, cumulative: u64) {
     if let Some(slot) = out.get_mut(at..at + 8) {
         slot.copy_from_slice(&cumulative.to_be_bytes());
-    }
-}
-
-/// A router-to-router notice, carried as the payload of a [`Flags::SYSTEM`] envelope sent to
-/// the origin of the envelope it is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Notice {
-    /// The destination took envelope `seq` of the notice's destination.
-    Delivered {
-        /// Sequence number of the delivered envelope.
-        seq: u64,
-    },
-    /// Envelope `seq` of the notice's destination was lost at the notice's origin.
-    Lost {
-        /// Sequence number of the lost envelope.
-        seq: u64,
-        /// Why (see [`LossReason`](crate::LossReason)).
-        reason: u64,
-        /// Whether the lost envelope asked for a receipt.
-        receipt: bool,
-    },
-}
-
-impl Notice {
-    /// Encodes the notice as a payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16);
-        match *self {
-            Self::Delivered { seq } => {
-                put_head(&mut out, ARRAY, 2);
-                put_head(&mut out, UINT, 0);
-                put_head(&mut out, UINT, seq);
-            }
-            Self::Lost {
-                seq,
-                reason,
-                receipt,
-            } => {
-                put_head(&mut out, ARRAY, 4);
-                put_head(&mut out, UINT, 1);
-                put_head(&mut out, UINT, seq);
-                put_head(&mut out, UINT, reason);
-                put_head(&mut out, UINT, receipt.into());
-            }
-        }
-        out
-    }
-
-    /// Decodes a notice payload.
-    pub fn decode(payload: &[u8]) -> Result<Self> {
-        let mut r = Reader {
-            buf: payload,
-            pos: 0,
-            limits: DecodeLimits::default(),
-        };
-        let n = r.array("notice")?;
-        let notice = match (n, r.uint("notice kind")?) {
-            (2, 0) => Self::Delivered {
-                seq: r.uint("notice seq")?,
-            },
-            (4, 1) => Self::Lost {
-                seq: r.uint("notice seq")?,
-                reason: r.uint("notice reason")?,
-                receipt: r.uint("notice receipt")? != 0,
-            },
-            _ => return Err(ProtocolError::Malformed("notice kind")),
-        };
-        r.end()?;
-        Ok(notice)
     }
 }
 
@@ -562,6 +619,11 @@ impl<'a> Reader<'a> {
 
     fn texts(&mut self, what: &'static str) -> Result<Vec<String>> {
         let n = self.array(what)?;
+        if n > self.limits.max_names_per_node {
+            return Err(ProtocolError::Malformed(
+                "too many names in one announcement",
+            ));
+        }
         let mut v = Vec::with_capacity(n.min(16));
         for _ in 0..n {
             v.push(self.text(what)?);
@@ -603,7 +665,7 @@ pub fn decode_frame(kind: u8, body: &[u8], limits: DecodeLimits) -> Result<Frame
             Frame::Ack(r.uint("ack")?)
         }
         KIND_ROUTES => {
-            r.array_of(2, "routes")?;
+            r.array_of(3, "routes")?;
             let n = r.array("upserts")?;
             // Reserve for what a frame of this size can really hold, not what it claims.
             let mut upsert = Vec::with_capacity(n.min(r.remaining() / 8));
@@ -622,7 +684,52 @@ pub fn decode_frame(kind: u8, body: &[u8], limits: DecodeLimits) -> Result<Frame
                 r.array_of(3, "removal")?;
                 remove.push(r.node("removal")?);
             }
-            Frame::Routes(RouteUpdate { upsert, remove })
+            let n = r.array("changes")?;
+            let mut change = Vec::with_capacity(n.min(r.remaining() / 10));
+            for _ in 0..n {
+                r.array_of(8, "change")?;
+                change.push(NodeDelta {
+                    node: r.node("change node")?,
+                    version: r.uint("change version")?,
+                    add_names: r.texts("added names")?,
+                    remove_names: r.texts("removed names")?,
+                    join_groups: r.texts("joined groups")?,
+                    leave_groups: r.texts("left groups")?,
+                });
+            }
+            Frame::Routes(RouteUpdate {
+                upsert,
+                remove,
+                change,
+            })
+        }
+        KIND_NOTICE => {
+            let n = r.array("notice")?;
+            let origin = r.node("notice origin")?;
+            let seq = r.uint("notice seq")?;
+            let from = r.node("notice sender")?;
+            let hops = r.u8("notice hops")?;
+            let kind = match (n, r.uint("notice kind")?) {
+                (9, 0) => NoticeKind::Delivered,
+                (11, 1) => NoticeKind::Lost {
+                    fate: Fate::from_code(r.uint("notice fate")?)
+                        .ok_or(ProtocolError::Malformed("notice fate"))?,
+                    receipt: match r.uint("notice receipt")? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(ProtocolError::Malformed("notice receipt")),
+                    },
+                },
+                (12, 2) => NoticeKind::Moved(r.node("notice holder")?),
+                _ => return Err(ProtocolError::Malformed("notice kind")),
+            };
+            Frame::Notice(Notice {
+                origin,
+                seq,
+                from,
+                hops,
+                kind,
+            })
         }
         KIND_CONTROL => {
             r.array_of(2, "control")?;
@@ -655,6 +762,13 @@ fn decode_envelope(r: &mut Reader<'_>) -> Result<Frame> {
         1 => (Destination::Name(r.text("destination name")?), 1),
         2 => (Destination::Group(r.text("destination group")?), 1),
         3 => (Destination::Broadcast, 0),
+        4 => (
+            Destination::NameAt {
+                name: r.text("destination name")?,
+                node: r.node("destination holder")?,
+            },
+            4,
+        ),
         _ => return Err(ProtocolError::Malformed("destination kind")),
     };
     let traced = flags.contains(Flags::TRACE);
@@ -801,6 +915,7 @@ pub fn decode_stream(bytes: &[u8], limits: DecodeLimits) -> Result<Vec<Frame>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{LossReason, UnknownReason};
 
     fn node(pid: u32) -> NodeId {
         NodeId::new(0, pid, 7)
@@ -846,6 +961,10 @@ mod tests {
             Destination::Name("model-a".into()),
             Destination::Group("shard".into()),
             Destination::Broadcast,
+            Destination::NameAt {
+                name: "w".into(),
+                node: node(9),
+            },
         ]
         .into_iter()
         .enumerate()
@@ -867,7 +986,35 @@ mod tests {
                 groups: vec!["g".into()],
             }],
             remove: vec![node(3)],
+            change: vec![NodeDelta {
+                node: node(4),
+                version: 9,
+                add_names: vec!["n".into()],
+                remove_names: vec!["o".into(), "p".into()],
+                join_groups: Vec::new(),
+                leave_groups: vec!["h".into()],
+            }],
         }));
+        for kind in [
+            NoticeKind::Delivered,
+            NoticeKind::Lost {
+                fate: Fate::Lost(LossReason::NoRoute),
+                receipt: true,
+            },
+            NoticeKind::Lost {
+                fate: Fate::Unknown(UnknownReason::Timeout),
+                receipt: false,
+            },
+            NoticeKind::Moved(node(6)),
+        ] {
+            v.push(Frame::Notice(Notice {
+                origin: node(1),
+                seq: 1 << 33,
+                from: node(5),
+                hops: 3,
+                kind,
+            }));
+        }
         v.push(Frame::Control {
             code: 7,
             data: b"drain".to_vec(),
@@ -1027,19 +1174,26 @@ mod tests {
     }
 
     #[test]
-    fn notices_round_trip_and_reject_junk() {
-        for n in [
-            Notice::Delivered { seq: 5 },
-            Notice::Lost {
-                seq: u64::MAX,
-                reason: 3,
-                receipt: true,
-            },
-        ] {
-            assert_eq!(Notice::decode(&n.encode()), Ok(n));
-        }
-        assert!(Notice::decode(&[0x82, 0x05, 0x00]).is_err());
-        assert!(Notice::decode(&[]).is_err());
+    fn announcements_listing_too_many_names_are_refused() {
+        let limits = DecodeLimits {
+            max_names_per_node: 2,
+            ..DecodeLimits::default()
+        };
+        let mut buf = Vec::new();
+        encode_frame(
+            &mut buf,
+            &Frame::Routes(RouteUpdate {
+                upsert: vec![NodeInfo {
+                    node: node(2),
+                    version: 1,
+                    names: vec!["a".into(), "b".into(), "c".into()],
+                    groups: Vec::new(),
+                }],
+                ..RouteUpdate::default()
+            }),
+        );
+        assert!(decode_stream(&buf, limits).is_err());
+        assert!(decode_stream(&buf, DecodeLimits::default()).is_ok());
     }
 
     #[test]
@@ -1139,7 +1293,7 @@ mod tests {
     #[test]
     fn huge_array_counts_do_not_allocate() {
         // A routes frame announcing 2^32 upserts in a 20-byte body.
-        let body = [0x82, 0x9a, 0xff, 0xff, 0xff, 0xff, 0x80];
+        let body = [0x83, 0x9a, 0xff, 0xff, 0xff, 0xff, 0x80, 0x80];
         assert_eq!(
             decode_frame(KIND_ROUTES, &body, DecodeLimits::default()),
             Err(ProtocolError::Malformed("upserts"))

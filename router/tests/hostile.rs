@@ -3,7 +3,7 @@
 
 use forkbus_router::wire::{encode_frame, Frame, Hello, WIRE_VERSION};
 use forkbus_router::{
-    Destination, DownCause, Event, NodeId, Router, RouterConfig, SendOptions, Timestamp,
+    Destination, DownCause, Event, LinkRole, NodeId, Router, RouterConfig, SendOptions, Timestamp,
 };
 use proptest::prelude::*;
 
@@ -31,8 +31,8 @@ fn hello(node: NodeId) -> Vec<u8> {
 fn setup(config: RouterConfig) -> (Router, forkbus_router::LinkId, forkbus_router::LinkId) {
     let mut r = Router::new(me(), config).expect("valid config");
     let now = Timestamp::from_nanos(1);
-    let good = r.handle_link_up(now, Some(peer(2)));
-    let bad = r.handle_link_up(now, None);
+    let good = r.handle_link_up(now, Some(peer(2)), LinkRole::Peer);
+    let bad = r.handle_link_up(now, None, LinkRole::Child);
     r.handle_input(now, good, &hello(peer(2))).expect("hello");
     r.handle_input(now, bad, &hello(peer(3))).expect("hello");
     // Two envelopes on each link: lost lists are not empty, and the tight bound (4) leaves
@@ -98,6 +98,7 @@ fn valid_stream() -> Vec<u8> {
                 groups: vec!["g".into()],
             }],
             remove: vec![peer(5)],
+            ..forkbus_router::wire::RouteUpdate::default()
         }),
     );
     b
@@ -164,6 +165,7 @@ fn small() -> RouterConfig {
     c.max_nodes = 4;
     c.max_origins = 2;
     c.max_name = 8;
+    c.max_names_per_node = 4;
     c
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use forkbus_router::sim::{Sim, SimConfig, SimRng};
 use forkbus_router::{
-    Address, Destination, DownCause, Error, Event, LinkId, LossReason, MessageId, NodeId,
-    SendOptions, WriteState,
+    Address, Destination, DownCause, Error, Event, Fate, LinkId, LossReason, MessageId, NodeId,
+    SendOptions, UnknownReason,
 };
 use proptest::prelude::*;
 
@@ -358,10 +358,11 @@ proptest! {
         }
         let stats: Vec<_> = sim.nodes.iter().map(|n| n.router.stats()).collect();
         let link_dups: u64 = stats.iter().map(|s| s.link_duplicates).sum();
-        let dups: u64 = stats.iter().map(|s| s.duplicates).sum();
+        let dups: u64 = stats.iter().map(|s| s.duplicates + s.redundant).sum();
         // Every replayed envelope frame is caught by its link's sequence numbers.
         prop_assert!(sim.duplicated == 0 || link_dups > 0);
-        // A cycle sends every broadcast round both ways: the seen windows catch those.
+        // A cycle sends every broadcast round both ways: the seen windows and the origin
+        // checks of peer links catch those.
         if sim.wires.len() >= n {
             prop_assert!(dups > 0, "a cycle but no duplicate suppressed");
         }
@@ -478,15 +479,15 @@ fn forwarded_overflow_is_reported_to_the_origin() {
     let mut lost_full = 0;
     for id in &accepted {
         let delivered = ev.contains(&Event::Delivered(*id));
-        let lost: Vec<LossReason> = ev
+        let lost: Vec<Fate> = ev
             .iter()
             .filter_map(|e| match e {
-                Event::Lost(r) if r.id == *id => Some(r.reason),
+                Event::Lost(r) if r.id == *id => Some(r.fate),
                 _ => None,
             })
             .collect();
         assert_eq!(usize::from(delivered) + lost.len(), 1, "{id:?}");
-        if lost == [LossReason::QueueFull] {
+        if lost == [Fate::Lost(LossReason::QueueFull)] {
             lost_full += 1;
         }
     }
@@ -530,13 +531,13 @@ fn lost_list_holds_exactly_the_unacknowledged_envelopes() {
     assert_eq!(down.peer, Some(Sim::node_id(b)));
     let lost: Vec<MessageId> = down.lost.iter().map(|l| l.envelope.id).collect();
     assert_eq!(lost, ids);
-    let rank = |r: LossReason| match r {
-        LossReason::PeerDown(WriteState::Unacknowledged) => 0,
-        LossReason::PeerDown(WriteState::PartiallyWritten) => 1,
-        LossReason::PeerDown(WriteState::NeverWritten) => 2,
-        other => panic!("unexpected reason {other:?}"),
+    let rank = |f: Fate| match f {
+        Fate::Unknown(UnknownReason::Unacknowledged) => 0,
+        Fate::Lost(LossReason::PartiallyWritten) => 1,
+        Fate::Lost(LossReason::NeverWritten) => 2,
+        other => panic!("unexpected fate {other:?}"),
     };
-    let ranks: Vec<u8> = down.lost.iter().map(|l| rank(l.reason)).collect();
+    let ranks: Vec<u8> = down.lost.iter().map(|l| rank(l.fate)).collect();
     assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{ranks:?}");
     assert!(ranks.iter().filter(|r| **r == 1).count() <= 1, "{ranks:?}");
     assert_eq!(ranks.first(), Some(&0), "{ranks:?}");
@@ -585,7 +586,11 @@ fn losses_elsewhere_are_noticed_at_the_origin() {
             .collect();
         assert_eq!(reports.len(), 1, "{id:?}");
         assert_eq!(reports[0].at, Sim::node_id(b));
-        assert!(matches!(reports[0].reason, LossReason::PeerDown(_)));
+        assert!(matches!(
+            reports[0].fate,
+            Fate::Lost(LossReason::NeverWritten | LossReason::PartiallyWritten)
+                | Fate::Unknown(UnknownReason::Unacknowledged)
+        ));
     }
     assert!(sim.nodes[a]
         .events
@@ -611,7 +616,7 @@ fn no_route_policy() {
         assert!(sim.nodes[a]
             .events
             .iter()
-            .any(|e| matches!(e, Event::Lost(r) if r.id == x && r.reason == LossReason::NoRoute)));
+            .any(|e| matches!(e, Event::Lost(r) if r.id == x && r.fate == Fate::Lost(LossReason::NoRoute))));
     }
 
     let mut cfg = config(2);
@@ -633,7 +638,7 @@ fn no_route_policy() {
     let dead_ends: u64 = sim
         .nodes
         .iter()
-        .map(|n| n.router.stats().flood_dead_ends + n.router.stats().lost.hop_limit)
+        .map(|n| n.router.stats().absorbed + n.router.stats().lost.hop_limit)
         .sum();
     assert!(dead_ends > 0, "the flood went nowhere");
 }
@@ -669,7 +674,7 @@ fn hop_limit_is_enforced_and_reported() {
         })
         .collect();
     assert_eq!(lost.len(), 1);
-    assert_eq!(lost[0].reason, LossReason::HopLimit);
+    assert_eq!(lost[0].fate, Fate::Lost(LossReason::HopLimit));
     assert_eq!(lost[0].at, Sim::node_id(3));
     assert!(received(&sim, prev).is_empty());
 }
@@ -734,21 +739,56 @@ fn garbage_closes_only_its_link() {
     )));
 }
 
-/// A peer that never reads cannot make control output grow without bound: its link closes.
+/// A peer that never reads cannot make control output grow without bound: local control
+/// sends are refused (backpressure, the link stays), and once what the router must pass on
+/// (announcements, notices) piles past the bound, the link closes as overrun.
 #[test]
 fn a_peer_that_never_reads_is_cut_off() {
-    let mut cfg = forkbus_router::RouterConfig::default();
+    use forkbus_router::wire::{encode_frame, Frame, Hello, NodeInfo, RouteUpdate, WIRE_VERSION};
+    use forkbus_router::{LinkRole, Router, RouterConfig, Timestamp};
+    let mut cfg = RouterConfig::default();
     cfg.max_frame = 4096;
     cfg.max_queue_bytes = 8192;
-    let mut r = forkbus_router::Router::new(Sim::node_id(0), cfg).expect("valid");
-    let now = forkbus_router::Timestamp::from_nanos(1);
-    let link = r.handle_link_up(now, Some(Sim::node_id(1)));
+    let mut r = Router::new(Sim::node_id(0), cfg).expect("valid");
+    let now = Timestamp::from_nanos(1);
+    let deaf = r.handle_link_up(now, Some(Sim::node_id(1)), LinkRole::Child);
+    let talker = r.handle_link_up(now, Some(Sim::node_id(2)), LinkRole::Child);
     let mut sent = 0;
-    while r.send_control(link, 1, vec![0; 1000]).is_ok() {
-        sent += 1;
-        assert!(sent < 100, "never cut off");
+    let refused = loop {
+        match r.send_control(deaf, 1, vec![0; 1000]) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 100, "never refused");
+    };
+    assert!(sent >= 12, "refused early, after {sent}");
+    assert_eq!(refused, Error::QueueFull { link: deaf });
+    assert!(r.links().contains(&deaf), "a refusal is not a cut");
+    // The talker's subtree grows; every announcement must be passed on to the deaf link.
+    let mut bytes = Vec::new();
+    encode_frame(
+        &mut bytes,
+        &Frame::Hello(Hello {
+            version: WIRE_VERSION,
+            node: Sim::node_id(2),
+        }),
+    );
+    for k in 0..200u32 {
+        let info = NodeInfo {
+            node: NodeId::new(0, 10_000 + k, 1),
+            version: 1,
+            names: vec![format!("{k:0>200}")],
+            groups: Vec::new(),
+        };
+        encode_frame(
+            &mut bytes,
+            &Frame::Routes(RouteUpdate {
+                upsert: vec![info],
+                ..RouteUpdate::default()
+            }),
+        );
     }
-    assert!(sent >= 20, "cut off early, after {sent}");
+    r.handle_input(now, talker, &bytes).expect("valid");
     let down = std::iter::from_fn(|| r.poll_event())
         .find_map(|e| match e {
             Event::LinkDown(d) => Some(d),
@@ -756,7 +796,8 @@ fn a_peer_that_never_reads_is_cut_off() {
         })
         .expect("link down");
     assert_eq!(down.cause, DownCause::Overrun);
-    assert!(r.links().is_empty());
+    assert_eq!(down.link, deaf);
+    assert_eq!(r.links(), vec![talker]);
 }
 
 /// A forked child routes to every node its parent knew before a byte has moved, and the
@@ -833,7 +874,9 @@ fn a_flooded_receipt_ends_by_its_timeout() {
         .filter(|e| matches!(e, Event::Lost(r) if r.id == id) || **e == Event::Delivered(id))
         .collect();
     assert_eq!(outcomes.len(), 1);
-    assert!(matches!(outcomes[0], Event::Lost(r) if r.reason == LossReason::Timeout));
+    assert!(
+        matches!(outcomes[0], Event::Lost(r) if r.fate == Fate::Unknown(UnknownReason::Timeout))
+    );
 }
 
 /// Found by reading the fuzz target's report: a traced envelope of the largest accepted size

@@ -1,0 +1,176 @@
+//! One link's accounting: the send queue of envelope frames in flight, the byte stream
+//! waiting to be written, and the receive side's acknowledgements.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use super::config::RouterConfig;
+use crate::id::{LinkRole, NodeId, Timestamp};
+use crate::wire::{encode_ack_fixed, envelope_frame_len, raise_ack, Deframer, Envelope};
+
+/// An envelope in link accounting, shared by every link it was queued on.
+#[derive(Debug)]
+pub(super) struct Queued {
+    pub(super) env: Envelope,
+    /// Its frame's length with the widest link sequence number: computed once, an upper
+    /// bound on every link.
+    pub(super) max_len: usize,
+    /// Originated here (not forwarded).
+    pub(super) local: bool,
+    /// Links it is queued on and not yet written whole to.
+    pub(super) unwritten: Cell<u32>,
+    /// Lost on one of its links: no [`Event::Sent`](crate::Event::Sent) for it.
+    pub(super) lost: Cell<bool>,
+}
+
+impl Queued {
+    pub(super) fn new(env: Envelope, local: bool, targets: usize) -> Rc<Self> {
+        let max_len = envelope_frame_len(u64::MAX, &env);
+        Self::with_len(env, max_len, local, targets)
+    }
+
+    /// When the caller computed `envelope_frame_len(u64::MAX, &env)` already.
+    pub(super) fn with_len(env: Envelope, max_len: usize, local: bool, targets: usize) -> Rc<Self> {
+        Rc::new(Self {
+            max_len,
+            env,
+            local,
+            unwritten: Cell::new(u32::try_from(targets).unwrap_or(u32::MAX)),
+            lost: Cell::new(false),
+        })
+    }
+}
+
+/// An envelope frame on one link: where it sits in the byte stream.
+#[derive(Debug)]
+pub(super) struct InFlight {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) queued: Rc<Queued>,
+}
+
+/// One link's two directions.
+///
+/// ```text
+///  send:  ──acked──┬──written, unacked──┬──queued, unwritten──►  next_seq
+///                 acked          first_unwritten
+///         inflight holds seqs acked..next_seq; tx holds the bytes not yet written
+///         (envelope frames and the control stream: hello, acks, routes, notices, control)
+///  recv:  rx_next = frames received;  rx_acked = frames acknowledged to the peer
+/// ```
+#[derive(Debug)]
+pub(super) struct Link {
+    pub(super) generation: u32,
+    pub(super) role: LinkRole,
+    pub(super) peer: Option<NodeId>,
+    pub(super) hello: bool,
+    pub(super) deframer: Deframer,
+    pub(super) rx_next: u64,
+    pub(super) rx_acked: u64,
+    pub(super) ack_deadline: Option<Timestamp>,
+    pub(super) tx: Vec<u8>,
+    pub(super) tx_head: usize,
+    pub(super) tx_written: u64,
+    /// Offset in `tx` of the count of an acknowledgement not yet started.
+    pub(super) ack_at: Option<usize>,
+    pub(super) next_seq: u64,
+    pub(super) acked: u64,
+    pub(super) first_unwritten: u64,
+    pub(super) inflight: VecDeque<InFlight>,
+    pub(super) inflight_bytes: usize,
+    pub(super) refused: bool,
+    pub(super) dirty: bool,
+    /// Since when output has waited without the peer taking any of it.
+    pub(super) tx_stalled_since: Option<Timestamp>,
+    /// Since when a frame the peer began has waited for its end.
+    pub(super) rx_partial_since: Option<Timestamp>,
+}
+
+impl Link {
+    pub(super) fn new(
+        generation: u32,
+        role: LinkRole,
+        peer: Option<NodeId>,
+        max_frame: u32,
+    ) -> Self {
+        Self {
+            generation,
+            role,
+            peer,
+            hello: false,
+            deframer: Deframer::new(max_frame),
+            rx_next: 0,
+            rx_acked: 0,
+            ack_deadline: None,
+            tx: Vec::new(),
+            tx_head: 0,
+            tx_written: 0,
+            ack_at: None,
+            next_seq: 0,
+            acked: 0,
+            first_unwritten: 0,
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            refused: false,
+            dirty: false,
+            tx_stalled_since: None,
+            rx_partial_since: None,
+        }
+    }
+
+    pub(super) fn pending(&self) -> usize {
+        self.tx.len() - self.tx_head
+    }
+
+    pub(super) fn stream_end(&self) -> u64 {
+        self.tx_written + self.pending() as u64
+    }
+
+    /// Whether an envelope frame fits the link's bounds.
+    pub(super) fn has_room(&self, frame_len: usize, config: &RouterConfig) -> bool {
+        self.inflight.len() < config.max_queue_envelopes
+            && self.inflight_bytes + frame_len <= config.max_queue_bytes
+    }
+
+    /// Whether a local control frame (an announcement, a control message) of `len` bytes
+    /// may still be queued: beyond, the peer is slow and the caller should wait.
+    pub(super) fn has_control_room(&self, len: usize, config: &RouterConfig) -> bool {
+        self.pending() + len <= 2 * config.max_queue_bytes
+    }
+
+    pub(super) fn below_low_water(&self, config: &RouterConfig) -> bool {
+        self.inflight.len() <= config.max_queue_envelopes / 2
+            && self.inflight_bytes <= config.max_queue_bytes / 2
+    }
+
+    /// Writes (or raises in place) the acknowledgement of everything received.
+    pub(super) fn write_ack(&mut self) {
+        self.ack_deadline = None;
+        if self.rx_acked == self.rx_next {
+            return;
+        }
+        self.rx_acked = self.rx_next;
+        match self.ack_at {
+            Some(at) if at >= self.tx_head + 7 => raise_ack(&mut self.tx, at, self.rx_next),
+            _ => self.ack_at = Some(encode_ack_fixed(&mut self.tx, self.rx_next)),
+        }
+    }
+
+    /// Writes a pending acknowledgement ahead of other output, so it rides along.
+    pub(super) fn piggyback_ack(&mut self) {
+        if self.rx_next > self.rx_acked {
+            self.write_ack();
+        }
+    }
+
+    /// The earliest moment this link counts as stalled.
+    pub(super) fn stall_deadline(&self, config: &RouterConfig) -> Option<Timestamp> {
+        let after = config.stall_timeout?;
+        let since = match (self.tx_stalled_since, self.rx_partial_since) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(since + after)
+    }
+}
