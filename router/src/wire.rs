@@ -22,7 +22,8 @@
 //!             removed  [host, pid, inc]
 //!             delta    [host, pid, inc, version, [+names..], [-names..], [+groups..], [-groups..]]
 //!  control   [code, data]
-//!  notice    [o.host, o.pid, o.inc, seq, from.host, from.pid, from.inc, hops, kind, arg..]
+//!  notice    [link_seq, o.host, o.pid, o.inc, seq, from.host, from.pid, from.inc, hops,
+//!             kind, arg..]   (numbered with the link's envelopes, acknowledged alike)
 //!             to the origin o of envelope seq, said by node `from`:
 //!             kind 0: delivered []   1: lost or unknown [fate code, receipt 0|1]
 //!             2: moved to a new holder [host, pid, inc] (custody handed it over)
@@ -215,10 +216,10 @@ pub enum NoticeKind {
     Moved(NodeId),
 }
 
-/// A router-to-router notice about an envelope, routed hop by hop to the envelope's origin
-/// on the link's control stream: never queued with envelopes, never dropped while the
-/// links to the origin stand (each answers an envelope that crossed the same links, so
-/// acknowledgements pace them).
+/// A router-to-router notice about an envelope, routed hop by hop to the envelope's origin.
+/// Numbered and acknowledged on each link like envelopes, but outside their queue bound:
+/// never dropped while the links to the origin stand (each answers an envelope that
+/// crossed the same links, so acknowledgements pace them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Notice {
     /// The envelope's origin: where the notice goes.
@@ -250,7 +251,12 @@ pub enum Frame {
     /// Routing table changes.
     Routes(RouteUpdate),
     /// A receipt or loss notice on its way to an envelope's origin.
-    Notice(Notice),
+    Notice {
+        /// Position among the numbered frames (envelopes and notices) of this link.
+        link_seq: u64,
+        /// The notice.
+        notice: Notice,
+    },
     /// A link-level control message for the runtime.
     Control {
         /// The runtime's code.
@@ -432,14 +438,18 @@ pub fn encode_frame(out: &mut Vec<u8>, frame: &Frame) -> usize {
             }
             w.finish()
         }
-        Frame::Notice(n) => {
+        Frame::Notice {
+            link_seq,
+            notice: n,
+        } => {
             let mut w = FrameWriter::begin(out, KIND_NOTICE);
             let args = match n.kind {
                 NoticeKind::Delivered => 0,
                 NoticeKind::Lost { .. } => 2,
                 NoticeKind::Moved(_) => 3,
             };
-            w.array(9 + args);
+            w.array(10 + args);
+            w.uint(*link_seq);
             w.node(n.origin);
             w.uint(n.seq);
             w.node(n.from);
@@ -705,13 +715,14 @@ pub fn decode_frame(kind: u8, body: &[u8], limits: DecodeLimits) -> Result<Frame
         }
         KIND_NOTICE => {
             let n = r.array("notice")?;
+            let link_seq = r.uint("notice link seq")?;
             let origin = r.node("notice origin")?;
             let seq = r.uint("notice seq")?;
             let from = r.node("notice sender")?;
             let hops = r.u8("notice hops")?;
             let kind = match (n, r.uint("notice kind")?) {
-                (9, 0) => NoticeKind::Delivered,
-                (11, 1) => NoticeKind::Lost {
+                (10, 0) => NoticeKind::Delivered,
+                (12, 1) => NoticeKind::Lost {
                     fate: Fate::from_code(r.uint("notice fate")?)
                         .ok_or(ProtocolError::Malformed("notice fate"))?,
                     receipt: match r.uint("notice receipt")? {
@@ -720,16 +731,19 @@ pub fn decode_frame(kind: u8, body: &[u8], limits: DecodeLimits) -> Result<Frame
                         _ => return Err(ProtocolError::Malformed("notice receipt")),
                     },
                 },
-                (12, 2) => NoticeKind::Moved(r.node("notice holder")?),
+                (13, 2) => NoticeKind::Moved(r.node("notice holder")?),
                 _ => return Err(ProtocolError::Malformed("notice kind")),
             };
-            Frame::Notice(Notice {
-                origin,
-                seq,
-                from,
-                hops,
-                kind,
-            })
+            Frame::Notice {
+                link_seq,
+                notice: Notice {
+                    origin,
+                    seq,
+                    from,
+                    hops,
+                    kind,
+                },
+            }
         }
         KIND_CONTROL => {
             r.array_of(2, "control")?;
@@ -1007,13 +1021,16 @@ mod tests {
             },
             NoticeKind::Moved(node(6)),
         ] {
-            v.push(Frame::Notice(Notice {
-                origin: node(1),
-                seq: 1 << 33,
-                from: node(5),
-                hops: 3,
-                kind,
-            }));
+            v.push(Frame::Notice {
+                link_seq: 77,
+                notice: Notice {
+                    origin: node(1),
+                    seq: 1 << 33,
+                    from: node(5),
+                    hops: 3,
+                    kind,
+                },
+            });
         }
         v.push(Frame::Control {
             code: 7,

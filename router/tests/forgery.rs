@@ -145,20 +145,24 @@ fn stream(items: &[Forgery], ids: &[NodeId]) -> (Vec<u8>, bool) {
                 delivered,
             } => {
                 honest = false;
-                Frame::Notice(Notice {
-                    origin: ids[*origin],
-                    seq: *seq,
-                    from: ids[*from],
-                    hops: 1,
-                    kind: if *delivered {
-                        NoticeKind::Delivered
-                    } else {
-                        NoticeKind::Lost {
-                            fate: Fate::Lost(LossReason::NoRoute),
-                            receipt: true,
-                        }
+                link_seq += 1;
+                Frame::Notice {
+                    link_seq: link_seq - 1,
+                    notice: Notice {
+                        origin: ids[*origin],
+                        seq: *seq,
+                        from: ids[*from],
+                        hops: 1,
+                        kind: if *delivered {
+                            NoticeKind::Delivered
+                        } else {
+                            NoticeKind::Lost {
+                                fate: Fate::Lost(LossReason::NoRoute),
+                                receipt: true,
+                            }
+                        },
                     },
-                })
+                }
             }
             Forgery::TooManyNames => {
                 honest = false;

@@ -42,12 +42,13 @@ impl Queued {
     }
 }
 
-/// An envelope frame on one link: where it sits in the byte stream.
+/// A numbered frame on one link: where it sits in the byte stream, and the envelope (a
+/// notice has none: it counts towards no queue bound and is in no lost list).
 #[derive(Debug)]
 pub(super) struct InFlight {
     pub(super) start: u64,
     pub(super) end: u64,
-    pub(super) queued: Rc<Queued>,
+    pub(super) queued: Option<Rc<Queued>>,
 }
 
 /// One link's two directions.
@@ -55,8 +56,8 @@ pub(super) struct InFlight {
 /// ```text
 ///  send:  ──acked──┬──written, unacked──┬──queued, unwritten──►  next_seq
 ///                 acked          first_unwritten
-///         inflight holds seqs acked..next_seq; tx holds the bytes not yet written
-///         (envelope frames and the control stream: hello, acks, routes, notices, control)
+///         inflight holds seqs acked..next_seq (envelopes and notices); tx holds the
+///         bytes not yet written (those frames and hello, acks, routes, control)
 ///  recv:  rx_next = frames received;  rx_acked = frames acknowledged to the peer
 /// ```
 #[derive(Debug)]
@@ -78,6 +79,9 @@ pub(super) struct Link {
     pub(super) acked: u64,
     pub(super) first_unwritten: u64,
     pub(super) inflight: VecDeque<InFlight>,
+    /// Notices among `inflight`.
+    pub(super) inflight_notices: usize,
+    /// Bytes of the envelope frames among `inflight`.
     pub(super) inflight_bytes: usize,
     pub(super) refused: bool,
     pub(super) dirty: bool,
@@ -111,12 +115,18 @@ impl Link {
             acked: 0,
             first_unwritten: 0,
             inflight: VecDeque::new(),
+            inflight_notices: 0,
             inflight_bytes: 0,
             refused: false,
             dirty: false,
             tx_stalled_since: None,
             rx_partial_since: None,
         }
+    }
+
+    /// Envelopes queued or unacknowledged.
+    pub(super) fn envelopes(&self) -> usize {
+        self.inflight.len() - self.inflight_notices
     }
 
     pub(super) fn pending(&self) -> usize {
@@ -129,7 +139,7 @@ impl Link {
 
     /// Whether an envelope frame fits the link's bounds.
     pub(super) fn has_room(&self, frame_len: usize, config: &RouterConfig) -> bool {
-        self.inflight.len() < config.max_queue_envelopes
+        self.envelopes() < config.max_queue_envelopes
             && self.inflight_bytes + frame_len <= config.max_queue_bytes
     }
 
@@ -140,7 +150,7 @@ impl Link {
     }
 
     pub(super) fn below_low_water(&self, config: &RouterConfig) -> bool {
-        self.inflight.len() <= config.max_queue_envelopes / 2
+        self.envelopes() <= config.max_queue_envelopes / 2
             && self.inflight_bytes <= config.max_queue_bytes / 2
     }
 

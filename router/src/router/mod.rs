@@ -204,7 +204,7 @@ impl Router {
         Ok(LinkStats {
             peer: l.peer,
             role: l.role,
-            in_flight: l.inflight.len(),
+            in_flight: l.envelopes(),
             in_flight_bytes: l.inflight_bytes,
             pending_output: l.pending(),
             frames_sent: l.next_seq,
@@ -939,7 +939,9 @@ impl Router {
                 break;
             }
             l.first_unwritten += 1;
-            done.push(f.queued.clone());
+            if let Some(q) = &f.queued {
+                done.push(q.clone());
+            }
         }
         if l.tx_head == l.tx.len() {
             l.tx.clear();
@@ -1008,7 +1010,7 @@ impl Router {
             }
             Frame::Ack(n) => self.on_ack(link, n),
             Frame::Routes(update) => self.on_routes(link, update),
-            Frame::Notice(n) => self.on_notice(link, n),
+            Frame::Notice { link_seq, notice } => self.on_notice(link, link_seq, notice),
             Frame::Control { code, data } => {
                 self.events.push_back(Event::Control { link, code, data });
                 Ok(())
@@ -1079,7 +1081,11 @@ impl Router {
         }
         while l.acked < n {
             if let Some(f) = l.inflight.pop_front() {
-                l.inflight_bytes -= usize::try_from(f.end - f.start).unwrap_or(0);
+                if f.queued.is_some() {
+                    l.inflight_bytes -= usize::try_from(f.end - f.start).unwrap_or(0);
+                } else {
+                    l.inflight_notices -= 1;
+                }
             }
             l.acked += 1;
         }
@@ -1152,21 +1158,10 @@ impl Router {
         link_seq: u64,
         mut env: Envelope,
     ) -> Result<(), ProtocolError> {
-        let Some(l) = self.links.get_mut(link.index()) else {
-            return Ok(());
-        };
-        if link_seq < l.rx_next {
-            self.stats.link_duplicates += 1;
+        if !self.next_in_sequence(link, link_seq)? {
             return Ok(());
         }
-        if link_seq > l.rx_next {
-            return Err(ProtocolError::SequenceGap {
-                expected: l.rx_next,
-                got: link_seq,
-            });
-        }
-        l.rx_next += 1;
-        let role = l.role;
+        let role = self.role_of(link);
         self.stats.rx_frames += 1;
         let origin = env.id.origin;
         if env.flags.contains(Flags::HANDED) {
@@ -1205,6 +1200,26 @@ impl Router {
             self.dispatch(env, link);
         }
         Ok(())
+    }
+
+    /// Checks a numbered frame's link sequence number: `Ok(false)` for a replay (dropped),
+    /// an error for a gap (a stream cannot lose frames).
+    fn next_in_sequence(&mut self, link: LinkId, link_seq: u64) -> Result<bool, ProtocolError> {
+        let Some(l) = self.links.get_mut(link.index()) else {
+            return Ok(false);
+        };
+        if link_seq < l.rx_next {
+            self.stats.link_duplicates += 1;
+            return Ok(false);
+        }
+        if link_seq > l.rx_next {
+            return Err(ProtocolError::SequenceGap {
+                expected: l.rx_next,
+                got: link_seq,
+            });
+        }
+        l.rx_next += 1;
+        Ok(true)
     }
 
     fn trace_hop(&self, now: Timestamp, link: LinkId, env: &mut Envelope) {
@@ -1395,10 +1410,39 @@ impl Router {
         }
         notice.hops += 1;
         self.stats.tx_frames += 1;
-        self.push_frame(link, &Frame::Notice(notice));
+        let limit = self.config.max_queue_bytes * 2 + self.config.max_frame as usize;
+        let Some(l) = self.links.get_mut(link.index()) else {
+            return;
+        };
+        l.piggyback_ack();
+        let start = l.stream_end();
+        let frame = Frame::Notice {
+            link_seq: l.next_seq,
+            notice,
+        };
+        let n = encode_frame(&mut l.tx, &frame);
+        l.next_seq += 1;
+        l.inflight.push_back(InFlight {
+            start,
+            end: start + n as u64,
+            queued: None,
+        });
+        l.inflight_notices += 1;
+        if l.pending() > limit && !self.overrun.contains(&link) {
+            self.overrun.push(link);
+        }
+        self.mark_dirty(link);
     }
 
-    fn on_notice(&mut self, link: LinkId, notice: Notice) -> Result<(), ProtocolError> {
+    fn on_notice(
+        &mut self,
+        link: LinkId,
+        link_seq: u64,
+        notice: Notice,
+    ) -> Result<(), ProtocolError> {
+        if !self.next_in_sequence(link, link_seq)? {
+            return Ok(());
+        }
         self.stats.rx_frames += 1;
         if !self.speaks_for(link, notice.from)? {
             self.stats.notices_ignored += 1;
@@ -1656,7 +1700,7 @@ impl Router {
         l.inflight.push_back(InFlight {
             start,
             end: start + n as u64,
-            queued: queued.clone(),
+            queued: Some(queued.clone()),
         });
         l.inflight_bytes += n;
         self.stats.tx_frames += 1;
@@ -1761,8 +1805,13 @@ impl Router {
         }
         let l = self.links.remove(idx);
         self.generations[idx] = self.generations[idx].wrapping_add(1);
-        let mut lost = Vec::with_capacity(l.inflight.len());
+        let mut lost = Vec::with_capacity(l.envelopes());
         for f in l.inflight {
+            // A notice goes down with its link: the origin is behind it, cut off, and
+            // hears of its envelopes' fate from the destination's withdrawal.
+            let Some(queued) = f.queued else {
+                continue;
+            };
             let fate = if l.tx_written >= f.end {
                 Fate::Unknown(UnknownReason::Unacknowledged)
             } else if l.tx_written > f.start {
@@ -1770,8 +1819,8 @@ impl Router {
             } else {
                 Fate::Lost(LossReason::NeverWritten)
             };
-            f.queued.lost.set(true);
-            let envelope = match Rc::try_unwrap(f.queued) {
+            queued.lost.set(true);
+            let envelope = match Rc::try_unwrap(queued) {
                 Ok(q) => q.env,
                 Err(shared) => shared.env.clone(),
             };
