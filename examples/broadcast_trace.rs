@@ -12,10 +12,12 @@
 //!    node, the link it came in on, the time);
 //! 2. sends traced unicasts: root → the last leaf by pid, first leaf → last leaf by name (across
 //!    the tree), last leaf → root by name;
-//! 3. joins the first and the last leaf by one more socketpair (`Bus::attach_link`), closing a
-//!    cycle, and broadcasts again: nodes on the cycle get a second copy, which their seen-ID
-//!    windows drop (`RouterStats::duplicates`); each node still delivers it once;
-//! 4. prints every node's counters (delivered, forwarded, duplicates) in a picture of the tree.
+//! 3. joins the first and the last leaf by one more socketpair (`Bus::attach_link`, a peer
+//!    link), closing a cycle, and broadcasts again: each end of the redundant link gets a
+//!    second copy over it, which it drops — its origin lives behind the tree, which carries
+//!    the same envelope (`RouterStats::redundant`); each node still delivers it once;
+//! 4. prints every node's counters (delivered, forwarded, duplicates and redundant copies
+//!    dropped) in a picture of the tree.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -155,7 +157,7 @@ impl Listener for Node {
                     name: self.name.clone(),
                     delivered: s.delivered,
                     forwarded: s.forwarded,
-                    duplicates: s.duplicates,
+                    duplicates: s.duplicates + s.redundant,
                 };
                 self.report(bus, &stats);
             }
@@ -518,10 +520,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         s.stats.len() == n
     })?;
     let s = bus.router().stats();
-    state
-        .borrow_mut()
-        .stats
-        .insert("root".into(), [s.delivered, s.forwarded, s.duplicates]);
+    state.borrow_mut().stats.insert(
+        "root".into(),
+        [s.delivered, s.forwarded, s.duplicates + s.redundant],
+    );
     println!(
         "\n── 4. the tree: broadcast #1{} (hops, µs after the send, the hop it came from), and \
          each node's counters",
@@ -546,10 +548,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if cycle {
         println!(
             "The redundant link {first} ═ {last} closed a cycle through the root, so broadcast #2 \
-             went round it both ways: where the two waves met, each second copy was dropped by a \
-             seen-ID window (the duplicates column; a flood round one cycle always makes exactly \
-             two, and the root counts one when its own envelope comes back to it). Every node \
-             delivered #2 once (each reported it once, with the trace of its first copy)."
+             crossed it both ways: each end dropped the copy that came over it, since its origin \
+             lives behind the tree, which carries the same envelope (the duplicates column: one \
+             redundant copy at each end; a peer link speaks for its two ends only and passes \
+             nothing on). Every node delivered #2 once (each reported it once, with the trace of \
+             its first copy)."
         );
     }
 

@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 
 use forkbus::supervisor::{AfterExit, Backoff, ChildId};
 use forkbus::{
-    monotonic_now, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, ForkOptions, Listener,
+    monotonic_now, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, Fate, ForkOptions, Listener,
     LossReason, LossReport, Message, MessageId, NodeId, PeerShutdown, Relation, Restart, SendError,
-    SendOptions, Stop, SupervisionEvent, Supervisor, TimerId,
+    SendOptions, Stop, SupervisionEvent, Supervisor, TimerId, UnknownReason,
 };
 use nix::sys::signal::{kill, Signal};
 use serde::{Deserialize, Serialize};
@@ -455,7 +455,7 @@ impl Listener for Shard {
                     Ok(Wire::Infer { req, .. }) => Some(req),
                     _ => None,
                 },
-                reason: l.reason.to_string(),
+                reason: l.fate.to_string(),
             })
             .collect();
         let report = Wire::PeerLost {
@@ -564,7 +564,7 @@ enum Outcome {
     Pending,
     Delivered,
     Replied,
-    Lost(LossReason, u32),
+    Lost(Fate, u32),
     /// Delivered to a worker that died before its reply left.
     ReplyLost,
 }
@@ -1093,12 +1093,12 @@ impl Listener for RootListener {
             // A broadcast towards a node that died: lost on that branch only.
             let at = st.name_of(report.at.pid);
             st.broadcast_lost
-                .push(format!("lost at {at}: {}", report.reason));
+                .push(format!("lost at {at}: {}", report.fate));
             return;
         }
         match st.by_seq.get(&report.id.seq).copied() {
             Some(req) => {
-                st.finalize(req, Outcome::Lost(report.reason, report.at.pid));
+                st.finalize(req, Outcome::Lost(report.fate, report.at.pid));
                 if let Some(w) = usize::try_from(req).ok().map(|i| st.reqs[i].worker) {
                     st.members[w].lost += 1;
                 }
@@ -1279,7 +1279,11 @@ fn print_loss_report(st: &Root) {
     let told: BTreeSet<u64> = (0..st.reqs.len() as u64)
         .filter(|&i| {
             matches!(st.reqs[i as usize].outcome,
-                Outcome::Lost(LossReason::PeerDown(_), at) if at == victim.parent)
+                Outcome::Lost(
+                    Fate::Lost(LossReason::NeverWritten | LossReason::PartiallyWritten)
+                        | Fate::Unknown(UnknownReason::Unacknowledged),
+                    at,
+                ) if at == victim.parent)
         })
         .collect();
     if listed == told && !listed.is_empty() {

@@ -2,7 +2,8 @@
 //!
 //! This facade re-exports the routing core ([`router`]) and the runtime ([`runtime`]), and
 //! at its root the names a program needs: [`Bus`], [`Listener`], [`Message`], addresses
-//! ([`Address`], [`Destination`], [`to`]) and outcomes ([`LossReason`], [`PeerShutdown`]),
+//! ([`Address`], [`Destination`], [`to`]) and outcomes ([`Fate`]: a sure [`LossReason`] or an
+//! [`UnknownReason`]; [`LossReport`], [`PeerShutdown`]),
 //! and process management: [`Supervisor`] ([`supervisor`]) and [`TaskPool`] ([`pool`]).
 
 pub use forkbus_router as router;
@@ -10,8 +11,8 @@ pub use forkbus_runtime as runtime;
 pub use forkbus_runtime::exec;
 
 pub use forkbus_router::{
-    Address, Destination, DownCause, LossReason, LossReport, LostEnvelope, MessageId, NodeId,
-    RouterConfig, SendOptions, Timestamp, WriteState,
+    Address, Destination, DownCause, Fate, LossReason, LossReport, LostEnvelope, MessageId, NodeId,
+    RouterConfig, SendOptions, Timestamp, UnknownReason,
 };
 pub use forkbus_runtime::{
     monotonic_now, to, Bus, BusConfig, BusError, BusHandle, DecodeError, Descriptors, ExitStatus,

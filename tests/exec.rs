@@ -932,7 +932,7 @@ fn node_loss() -> Result<(), String> {
             .all(|id| reported.iter().filter(|r| *r == id).count() == 1),
         || format!("queued {ids:?}, loss reports {reported:?}"),
     )?;
-    common::shutdown(bus)
+    common::shutdown_after_kills(bus, 1)
 }
 
 fn node_shutdown() -> Result<(), String> {

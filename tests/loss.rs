@@ -13,12 +13,22 @@ use std::time::Duration;
 use common::{ensure, proc_state, rss_kib, run_until, Harness, Orphans, RootEnd};
 use forkbus::router::wire::{encode_frame, Frame, Hello, WIRE_VERSION};
 use forkbus::{
-    Address, Bus, BusConfig, BusError, Destination, DownCause, ExitStatus, ForkOptions, Listener,
-    LossReason, LossReport, Message, MessageId, NodeId, PeerShutdown, Pid, Relation, SendError,
+    Address, Bus, BusConfig, BusError, Destination, DownCause, ExitStatus, Fate, ForkOptions,
+    Listener, LossReason, LossReport, Message, MessageId, NodeId, PeerShutdown, Pid, Relation,
+    SendError, UnknownReason,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use serde::{Deserialize, Serialize};
+
+/// Whether a lost list's entry went down with its link (its one kind of fate there).
+fn peer_down(fate: Fate) -> bool {
+    matches!(
+        fate,
+        Fate::Lost(LossReason::NeverWritten | LossReason::PartiallyWritten)
+            | Fate::Unknown(UnknownReason::Unacknowledged)
+    )
+}
 
 type Id = (u32, u32, u64);
 
@@ -153,7 +163,7 @@ impl Listener for Leaf {
         let reasons_ok = s
             .lost
             .iter()
-            .all(|l| matches!(l.reason, LossReason::PeerDown(_)) && l.envelope.payload.len() > PAD);
+            .all(|l| peer_down(l.fate) && l.envelope.payload.len() > PAD);
         if lost == sent && sent.len() == AFTER_STOP as usize && reasons_ok {
             bus.set_exit_code(0);
         } else {
@@ -263,8 +273,7 @@ impl Listener for Other {
     }
 
     fn on_lost(&mut self, _bus: &mut Bus, r: &LossReport) {
-        self.lost
-            .push((id_of(r.id), r.reason.to_string(), r.at.pid));
+        self.lost.push((id_of(r.id), r.fate.to_string(), r.at.pid));
     }
 }
 
@@ -277,7 +286,8 @@ fn kill_middle() -> Result<(), String> {
     let result = kill_middle_in(&mut bus, &heard, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
-    common::shutdown(bus)
+    // The middle node and its two leaves (which die with it) never report.
+    common::shutdown_after_kills(bus, 3)
 }
 
 fn kill_middle_in(bus: &mut Bus, heard: &Rc<RefCell<Heard>>, dir: &Path) -> Result<(), String> {
@@ -429,16 +439,14 @@ fn kill_middle_in(bus: &mut Bus, heard: &Rc<RefCell<Heard>>, dir: &Path) -> Resu
     })?;
     let mut by_reason = std::collections::BTreeMap::new();
     for l in &s.lost {
-        *by_reason.entry(l.reason.to_string()).or_insert(0) += 1;
+        *by_reason.entry(l.fate.to_string()).or_insert(0) += 1;
     }
     println!(
         "  the root's lost list: {} envelopes, {by_reason:?}",
         s.lost.len()
     );
     for l in &s.lost {
-        ensure(matches!(l.reason, LossReason::PeerDown(_)), || {
-            format!("reason {:?}", l.reason)
-        })?;
+        ensure(peer_down(l.fate), || format!("fate {:?}", l.fate))?;
         ensure(
             matches!(forkbus::runtime::decode::<Wire>(&l.envelope.payload), Ok(Wire::Num { ref pad, .. }) if pad.len() == PAD),
             || "a lost envelope is not whole".into(),
@@ -637,11 +645,11 @@ fn garbage() -> Result<(), String> {
         ensure(
             s.lost
                 .iter()
-                .all(|l| l.reason == LossReason::PeerDown(forkbus::WriteState::Unacknowledged)),
+                .all(|l| l.fate == Fate::Unknown(UnknownReason::Unacknowledged)),
             || {
                 format!(
                     "reasons {:?}",
-                    s.lost.iter().map(|l| l.reason).collect::<Vec<_>>()
+                    s.lost.iter().map(|l| l.fate).collect::<Vec<_>>()
                 )
             },
         )?;

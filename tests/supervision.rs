@@ -19,9 +19,9 @@ use forkbus::supervisor::{
     StopRequest, WhileDown,
 };
 use forkbus::{
-    should_stop, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, ForkOptions, Listener,
-    LossReport, Message, MessageId, NodeId, Pid, Restart, SendError, SupervisionEvent, Supervisor,
-    TaskId, TaskOutcome, TaskPool,
+    should_stop, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, Fate, ForkOptions, Listener,
+    LossReason, LossReport, Message, MessageId, NodeId, Pid, Restart, SendError, SupervisionEvent,
+    Supervisor, TaskId, TaskOutcome, TaskPool,
 };
 use nix::sys::signal::{kill, Signal};
 use serde::{Deserialize, Serialize};
@@ -318,7 +318,7 @@ impl Listener for TrackerEar {
     fn on_lost(&mut self, _bus: &mut Bus, report: &LossReport) {
         let mut t = self.0.borrow_mut();
         if let Some(seq) = t.by_id.get(&report.id).copied() {
-            t.lose(seq, report.reason.to_string());
+            t.lose(seq, report.fate.to_string());
         }
     }
 
@@ -422,7 +422,8 @@ fn crash_at_startup() -> Result<(), String> {
         format!("the root was told {told:?}")
     })?;
     drop(h);
-    common::shutdown(bus)
+    // The crasher's four processes died before reporting.
+    common::shutdown_after_kills(bus, 4)
 }
 
 fn supervise_crasher(bus: &mut Bus) -> Result<Report, String> {
@@ -592,7 +593,8 @@ fn kill9_named_worker() -> Result<(), String> {
         || "no restart after the kill".into(),
     )?;
     drop(h);
-    common::shutdown(bus)
+    // The worker killed with SIGKILL never reports.
+    common::shutdown_after_kills(bus, 1)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -771,7 +773,8 @@ fn hung_worker() -> Result<(), String> {
         || "the hung worker's exit was not reported once".into(),
     )?;
     drop(h);
-    common::shutdown(bus)
+    // The hung worker, killed by its heartbeat, never reports.
+    common::shutdown_after_kills(bus, 1)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1017,7 +1020,8 @@ fn task_pool() -> Result<(), String> {
         || "the stalled idempotent job was not sent again".into(),
     )?;
     drop(wr);
-    common::shutdown(bus)
+    // The two workers killed mid-job never report.
+    common::shutdown_after_kills(bus, 2)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1179,7 +1183,8 @@ fn exits_waits_stops() -> Result<(), String> {
         || "something restarted".into(),
     )?;
     drop(h);
-    common::shutdown(bus)
+    // The doomed child (SIGKILL) and the stubborn one (killed at its stop deadline).
+    common::shutdown_after_kills(bus, 2)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1286,7 +1291,7 @@ fn queue_while_down() -> Result<(), String> {
         || "the name did not move to the new worker".into(),
     )?;
     // Round 2: 5 requests held, then the child is stopped for good: they are reported lost
-    // to the client (destination down), not dropped.
+    // for sure to the client (abandoned by the custodian: never delivered), not dropped.
     sup.wait_ready(&mut bus, Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
     kill(nix_pid(new), Signal::SIGKILL).map_err(|e| e.to_string())?;
@@ -1296,11 +1301,10 @@ fn queue_while_down() -> Result<(), String> {
             .count(|e| matches!(e, SupervisionEvent::Exited { pid, .. } if *pid == new))
             == 1
     })?;
-    let delivered = bus.router().stats().delivered;
     bus.send(client, &Wire::KillNow)
         .map_err(|e| e.to_string())?;
     run_until(&mut bus, Duration::from_secs(20), move |b| {
-        b.router().stats().delivered >= delivered + 5
+        b.router().held() == 5
     })?;
     ensure(sup.stop_child(&mut bus, child), || "not stopped".into())?;
     let h = heard.clone();
@@ -1314,7 +1318,11 @@ fn queue_while_down() -> Result<(), String> {
     );
     ensure(report.outcome.is_empty(), || report.outcome.clone())?;
     ensure(
-        report.lost == 5 && report.lost_why.get("destination down") == Some(&5),
+        report.lost == 5
+            && report
+                .lost_why
+                .get(&Fate::Lost(LossReason::Abandoned).to_string())
+                == Some(&5),
         || format!("round 2: {report:?}"),
     )?;
     ensure(
@@ -1324,7 +1332,8 @@ fn queue_while_down() -> Result<(), String> {
     ensure(bus.router().resolve(&to::name("q")).is_none(), || {
         "the supervisor kept the name".into()
     })?;
-    common::shutdown(bus)
+    // Both workers were killed with SIGKILL.
+    common::shutdown_after_kills(bus, 2)
 }
 
 fn main() {

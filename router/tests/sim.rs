@@ -158,7 +158,7 @@ proptest! {
             cfg.router.max_origins = 1 + (seed % 8) as usize;
         }
         let mut sim = Sim::new(cfg);
-        random_tree(&mut sim, n, seed);
+        let parents = random_tree(&mut sim, n, seed);
         sim.run_until_idle().expect("settles");
         let mut sent = Vec::new();
         for k in 0..n_msgs {
@@ -176,8 +176,10 @@ proptest! {
         check_bounds(&sim);
         for node in 0..n {
             let mut counts: HashMap<MessageId, usize> = HashMap::new();
-            for (id, _, _) in received(&sim, node) {
+            for (id, hops, _) in received(&sim, node) {
                 *counts.entry(id).or_default() += 1;
+                let from = node_index(id.origin);
+                prop_assert_eq!(hops as usize, distance(&parents, from, node), "hops of {:?} at {}", id, node);
             }
             for (from, id) in &sent {
                 let expect = usize::from(*from != node);

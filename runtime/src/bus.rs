@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use forkbus_router::{
-    Address, DownCause, Event, LinkDown, LinkId, MessageId, NodeId, Refused, Router, RouterConfig,
-    SendOptions, Timestamp,
+    Address, DownCause, Event, LinkDown, LinkId, LinkRole, MessageId, NodeId, Refused, Router,
+    RouterConfig, SendOptions, Timestamp,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -19,9 +19,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::ForkResult;
 use serde::Serialize;
 
-use crate::child::{Child, ChildState, ChildTable, ExitStatus, Pid};
+use crate::child::{Child, ChildTable, ExitStatus, Pid};
 use crate::clock::{monotonic_now, nonce};
-use crate::control::{Tally, CONTROL_SHUTDOWN, CONTROL_TALLY};
+use crate::control::{Control, Tally};
+use crate::drain::{Action, Drain, NodeState};
 use crate::error::{BusError, ForkError, NameError, SendError};
 use crate::handle::{BusHandle, Outgoing, Request};
 use crate::listener::{panic_message, Listener, ListenerId, ListenerSet, PeerShutdown, Relation};
@@ -166,17 +167,11 @@ impl Descriptors {
     }
 }
 
-/// The drain of a graceful shutdown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Running,
-    Draining { deadline: Timestamp, killed: bool },
-}
-
 /// Things the loop reports outside the router's events, dispatched after them.
 #[derive(Debug)]
 enum Internal {
-    ChildExit(Pid, ExitStatus),
+    /// A child was reaped: its pid, status, and the processes its subtree ever had.
+    ChildExit(Pid, ExitStatus, u64),
     Error(BusError),
     Shutdown,
     Signal(i32),
@@ -229,7 +224,7 @@ pub struct Bus {
     /// A handle send refused for a full queue, retried when a link has room.
     backlog: VecDeque<Outgoing>,
     internal: VecDeque<Internal>,
-    phase: Phase,
+    drain: Drain,
     stop: Option<Stop>,
     running: bool,
     /// Work is left over from the last iteration: do not sleep.
@@ -241,6 +236,8 @@ pub struct Bus {
     /// Tallies reported by children that exited.
     subtree: Tally,
     tallied: HashSet<Pid>,
+    /// Processes ever seen behind the links of children reaped before their link went down.
+    children_seen: HashMap<Pid, u64>,
     lost_reports: u64,
     next_fd_serial: u64,
     span: tracing::Span,
@@ -262,7 +259,7 @@ impl std::fmt::Debug for Bus {
             .field("links", &self.links.len())
             .field("listeners", &self.listeners.len())
             .field("timers", &self.timers.len())
-            .field("phase", &self.phase)
+            .field("draining", &!self.drain.is_running())
             .finish_non_exhaustive()
     }
 }
@@ -344,6 +341,7 @@ impl Bus {
         let (requests_tx, requests_rx) = unbounded();
         let (sends_tx, sends_rx) = bounded(config.handle_capacity.max(1));
         let span = tracing::info_span!(parent: None, "bus", pid = me.pid, node = %me);
+        let drain_timeout = config.drain_timeout;
         Ok(Self {
             rbuf: vec![0; config.read_buffer.max(4096)],
             config,
@@ -364,7 +362,7 @@ impl Bus {
             sends_rx,
             backlog: VecDeque::new(),
             internal: VecDeque::new(),
-            phase: Phase::Running,
+            drain: Drain::new(drain_timeout, KILL_GRACE),
             stop: None,
             running: false,
             busy: false,
@@ -373,6 +371,7 @@ impl Bus {
             exit_code: None,
             subtree: Tally::default(),
             tallied: HashSet::new(),
+            children_seen: HashMap::new(),
             lost_reports: 0,
             next_fd_serial: 0,
             span,
@@ -426,7 +425,7 @@ impl Bus {
 
     /// Whether a graceful shutdown is draining this node.
     pub fn is_stopping(&self) -> bool {
-        matches!(self.phase, Phase::Draining { .. })
+        !self.drain.is_running()
     }
 
     /// Now, as the loop sees it (`CLOCK_MONOTONIC`).
@@ -437,7 +436,7 @@ impl Bus {
 
     /// This node's own counts so far plus the tallies its exited children reported.
     pub fn tally(&self) -> Tally {
-        let mut t = Tally::of_node(&self.router.stats(), self.lost_reports);
+        let mut t = Tally::of_node(&self.router.stats(), self.lost_reports, self.router.held());
         t += self.subtree;
         t
     }
@@ -544,7 +543,8 @@ impl Bus {
         self.router.link_stats(link).ok().and_then(|s| s.peer)
     }
 
-    /// Registers a name for this node, announced to the whole tree (names are unique).
+    /// Registers a name for this node, announced to the whole tree. Names are unique: a
+    /// name another node holds is refused ([`NameError::Taken`]).
     pub fn register_name(&mut self, name: &str) -> Result<(), NameError> {
         self.router
             .register_name(name)
@@ -570,6 +570,19 @@ impl Bus {
         self.router
             .leave_group(group)
             .map_err(NameError::from_router)
+    }
+
+    /// Holds `name` in custody for a down worker (supervision's
+    /// [`WhileDown::Queue`](crate::supervisor::WhileDown::Queue)).
+    pub(crate) fn hold_name(&mut self, name: &str, capacity: usize) -> Result<(), NameError> {
+        self.router
+            .hold_name(name, capacity)
+            .map_err(NameError::from_router)
+    }
+
+    /// Gives up a name held in custody: what it held is reported lost to its origins.
+    pub(crate) fn release_held_name(&mut self, name: &str) {
+        let _ = self.router.unregister_name(name);
     }
 
     // -----------------------------------------------------------------------------------
@@ -672,9 +685,12 @@ impl Bus {
         }
     }
 
-    /// Adopts a connected stream socket as a link to a peer that speaks the bus protocol
-    /// (a program started another way, a test's raw peer). `peer`, when given, is the node
-    /// the hello must name; its route is usable at once.
+    /// Adopts a connected stream socket as a peer link to a node that speaks the bus
+    /// protocol (a program started another way, a test's raw peer, a redundant path).
+    /// `peer`, when given, is the node the hello must name. A peer link speaks for its own
+    /// neighbour only: the neighbour is reachable from this node when the tree does not know
+    /// it already, and its traffic is delivered here, not routed on (see
+    /// [`LinkRole::Peer`]).
     pub fn attach_link(&mut self, fd: OwnedFd, peer: Option<NodeId>) -> io::Result<LinkId> {
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
         let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
@@ -690,7 +706,12 @@ impl Bus {
         relation: Relation,
     ) -> io::Result<LinkId> {
         let now = self.now();
-        let link = self.router.handle_link_up(now, peer);
+        let role = match relation {
+            Relation::Parent => LinkRole::Parent,
+            Relation::Child(_) => LinkRole::Child,
+            Relation::Attached => LinkRole::Peer,
+        };
+        let link = self.router.handle_link_up(now, peer, role);
         self.register_link(fd, link, peer, relation)
     }
 
@@ -732,16 +753,9 @@ impl Bus {
     /// the routing table go over the wire; its route is usable at once.
     pub(crate) fn adopt_node(&mut self, fd: OwnedFd, pid: Pid, node: NodeId) -> io::Result<()> {
         let now = self.now();
-        let link = self.router.handle_link_up(now, Some(node));
+        let link = self.router.handle_link_up(now, Some(node), LinkRole::Child);
         let link = self.register_link(fd, link, Some(node), Relation::Child(pid))?;
-        self.children.insert(
-            pid,
-            Child {
-                node,
-                link: Some(link),
-                state: ChildState::Running,
-            },
-        );
+        self.children.insert(pid, Child::new(node, link));
         Ok(())
     }
 
@@ -797,13 +811,12 @@ impl Bus {
         if threads > 1 {
             return Err(ForkError::Threaded { threads });
         }
-        if let Some(name) = &options.name {
-            let max = self.config.router.max_name;
-            if name.is_empty() || name.len() > max {
-                let len = name.len();
-                return Err(ForkError::Name(NameError::Invalid { len, max }));
-            }
-        }
+        let names: Vec<String> = options.name.iter().cloned().collect();
+        // Names are unique: only a free name, one of this node's, or one a child of this
+        // node holds (its replacement takes it over) may be given to the new child.
+        self.router
+            .check_fork_names(&names)
+            .map_err(|e| ForkError::Name(NameError::from_router(e)))?;
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -830,20 +843,12 @@ impl Bus {
                 // The child's router was made from this router's copy at fork time: it
                 // knows this node and its table already (`Router::forked_child`), and this
                 // router knows the child's name at once.
-                let names: Vec<String> = options.name.iter().cloned().collect();
                 let now = self.now();
                 let link = self.router.handle_fork(now, node, &names);
                 match self.register_link(ours, link, Some(node), Relation::Child(pid)) {
                     Ok(link) => {
                         tracing::debug!(parent: &self.span, child = %node, "forked");
-                        self.children.insert(
-                            pid,
-                            Child {
-                                node,
-                                link: Some(link),
-                                state: ChildState::Running,
-                            },
-                        );
+                        self.children.insert(pid, Child::new(node, link));
                         Ok(pid)
                     }
                     Err(e) => {
@@ -931,6 +936,12 @@ impl Bus {
             self.span.clone().in_scope(|| child(self));
             self.run()
         }));
+        if let Ok(Ok(Stop::Stopped)) = outcome {
+            // Leaving on its own (not drained): its counts still go to the parent, so the
+            // tree's tally counts it as reported.
+            let tally = self.tally();
+            self.report_tally(tally);
+        }
         match outcome {
             Ok(Ok(stop)) => match (self.exit_code, stop) {
                 (Some(code), _) => code,
@@ -1004,68 +1015,92 @@ impl Bus {
     }
 
     fn begin_drain(&mut self) {
+        self.start_drain(true);
+    }
+
+    /// Begins draining: on this node's own decision, or its parent's.
+    fn start_drain(&mut self, initiator: bool) {
         if self.is_stopping() {
             return;
         }
-        let now = self.now();
-        self.phase = Phase::Draining {
-            deadline: now + self.config.drain_timeout,
-            killed: false,
-        };
-        tracing::info!(parent: &self.span, children = self.children.len(), "draining");
-        for pid in self.children.pids() {
-            if let Some(c) = self.children.get_mut(pid) {
-                c.state = ChildState::Stopping;
-                if let Some(link) = c.link {
-                    let _ = self.router.send_control(link, CONTROL_SHUTDOWN, Vec::new());
-                }
-            }
-        }
+        self.now = monotonic_now();
+        tracing::info!(parent: &self.span, children = self.children.len(), initiator, "draining");
+        self.with_drain(|d, s| d.begin(s, initiator));
         self.cancel_all_execs();
         self.internal.push_back(Internal::Shutdown);
     }
 
-    fn check_drain(&mut self) {
-        let Phase::Draining { deadline, killed } = self.phase else {
-            return;
+    /// What the drain needs to know of this node now.
+    fn drain_children(&self) -> Vec<Pid> {
+        self.children
+            .iter()
+            .filter(|(_, c)| c.link.is_some())
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Runs one input of the drain with this node's state, then carries out its actions.
+    fn with_drain(&mut self, input: impl FnOnce(&mut Drain, NodeState<'_>)) {
+        let children = self.drain_children();
+        let state = NodeState {
+            now: self.now,
+            children: &children,
+            no_children: self.children.is_empty() && self.execs.is_empty(),
+            idle: self.router.is_idle(),
+            rx: self.router.stats().rx_frames,
         };
-        if self.children.is_empty() && self.execs.is_empty() && self.router.is_idle() {
-            self.finish_drain();
-            return;
+        input(&mut self.drain, state);
+        let actions: Vec<Action> = self.drain.poll_actions().collect();
+        if !actions.is_empty() {
+            // Frames queued after this iteration's writes: write them before sleeping.
+            self.busy = true;
         }
-        if self.now < deadline {
-            return;
-        }
-        if (!self.children.is_empty() || !self.execs.is_empty()) && !killed {
-            tracing::warn!(parent: &self.span, children = self.children.len(), "drain deadline passed: killing the children left");
-            for pid in self.children.pids() {
-                let _ = kill(pid.nix(), Signal::SIGKILL);
+        for a in actions {
+            match a {
+                Action::ToChild(pid, c) => {
+                    let (code, data) = c.encode();
+                    self.send_link_control(Relation::Child(pid), code, data);
+                }
+                Action::ToParent(c) => {
+                    let (code, data) = c.encode();
+                    self.send_link_control(Relation::Parent, code, data);
+                }
+                Action::KillChildren => {
+                    tracing::warn!(parent: &self.span, children = self.children.len(), "exit deadline passed: killing the children left");
+                    for pid in self.children.pids() {
+                        let _ = kill(pid.nix(), Signal::SIGKILL);
+                    }
+                    self.kill_all_execs();
+                }
+                Action::Finish => self.finish_drain(),
             }
-            self.kill_all_execs();
-            self.phase = Phase::Draining {
-                deadline: self.now + KILL_GRACE,
-                killed: true,
-            };
-        } else {
-            tracing::warn!(parent: &self.span, "drain deadline passed with envelopes unacknowledged");
-            self.finish_drain();
         }
     }
 
+    fn check_drain(&mut self) {
+        if !self.is_stopping() {
+            return;
+        }
+        self.with_drain(|d, s| d.tick(s));
+    }
+
     fn finish_drain(&mut self) {
-        self.phase = Phase::Running;
         let tally = self.tally();
         self.subtree = Tally::default();
         self.tallied.clear();
         tracing::info!(parent: &self.span, ?tally, "drained");
+        self.report_tally(tally);
+        self.stop = Some(Stop::Shutdown(tally));
+    }
+
+    /// Sends this process's last word, its subtree's tally, to the parent (a child about to
+    /// exit), and waits for the kernel to take it.
+    fn report_tally(&mut self, tally: Tally) {
         if let Some(link) = self.parent.and_then(|p| p.link) {
-            let mut data = Vec::new();
-            if let Ok(bytes) = encode(&tally, &mut data) {
-                let _ = self.router.send_control(link, CONTROL_TALLY, bytes);
-            }
+            let (code, data) = Control::Tally(tally).encode();
+            let _ = self.router.send_control(link, code, data);
             self.flush_final(link);
         }
-        self.stop = Some(Stop::Shutdown(tally));
     }
 
     /// Writes a link's output before the process exits, waiting for the kernel to take it
@@ -1122,9 +1157,7 @@ impl Bus {
             }
         };
         consider(self.timers.next_deadline());
-        if let Phase::Draining { deadline, .. } = self.phase {
-            consider(Some(deadline));
-        }
+        consider(self.drain.poll_timeout());
         next.map(|t| t.saturating_duration_since(self.now))
     }
 
@@ -1440,7 +1473,8 @@ impl Bus {
                 let _ = self.router.handle_link_down(self.now, link);
             }
         }
-        self.internal.push_back(Internal::ChildExit(pid, status));
+        self.internal
+            .push_back(Internal::ChildExit(pid, status, child.seen));
     }
 
     fn fire_fd(&mut self, r: Ready) {
@@ -1479,10 +1513,10 @@ impl Bus {
         match event {
             Event::Message { envelope, link } => {
                 let message = Message::new(envelope, link);
-                if crate::supervisor::intercept(self, &message) {
-                    return;
-                }
                 self.emit("on_message", |l, bus| l.on_message(bus, &message));
+            }
+            Event::Held { name, id } => {
+                tracing::debug!(%name, %id, "held in custody");
             }
             Event::Sent(id) => self.emit("on_sent", |l, bus| l.on_sent(bus, id)),
             Event::Delivered(id) => self.emit("on_delivered", |l, bus| l.on_delivered(bus, id)),
@@ -1518,6 +1552,7 @@ impl Bus {
             peer,
             cause,
             lost,
+            nodes_ever,
         } = down;
         let source = self
             .links
@@ -1544,8 +1579,18 @@ impl Bus {
                 }
             }
             Relation::Child(pid) => {
-                if let Some(c) = self.children.get_mut(pid) {
-                    c.link = None;
+                match self.children.get_mut(pid) {
+                    Some(c) => {
+                        c.link = None;
+                        c.seen = nodes_ever;
+                    }
+                    None => {
+                        // Reaped first: the exit is on its way with what was known then.
+                        self.children_seen.insert(pid, nodes_ever);
+                    }
+                }
+                if self.is_stopping() {
+                    self.with_drain(|d, s| d.handle_child_gone(s, pid));
                 }
             }
             Relation::Attached => {}
@@ -1591,21 +1636,33 @@ impl Bus {
         {
             return;
         }
-        match (code, relation) {
-            (CONTROL_SHUTDOWN, Relation::Parent) => self.begin_drain(),
-            (CONTROL_TALLY, Relation::Child(pid)) => match crate::message::decode::<Tally>(data) {
-                Ok(t) => {
-                    self.subtree += t;
-                    self.tallied.insert(pid);
+        let control = match relation {
+            _ if !Control::is_drain_code(code) => None,
+            Relation::Parent => Control::from_parent(code, data),
+            Relation::Child(_) => Control::from_child(code, data),
+            Relation::Attached => None,
+        };
+        match (control, relation) {
+            (Some(Control::Drain), Relation::Parent) => self.start_drain(false),
+            (Some(Control::Probe(wave)), Relation::Parent) => {
+                if self.drain.is_running() {
+                    self.start_drain(false);
                 }
-                Err(_) => self.emit_error(
-                    &BusError::BadControl {
-                        peer: self.peer_of(link),
-                        code,
-                    },
-                    None,
-                ),
-            },
+                self.with_drain(|d, s| d.handle_probe(s, wave));
+            }
+            (Some(Control::Exit), Relation::Parent) => {
+                if self.drain.is_running() {
+                    self.start_drain(false);
+                }
+                self.with_drain(|d, s| d.handle_exit(s));
+            }
+            (Some(Control::Quiet { wave, still }), Relation::Child(pid)) => {
+                self.with_drain(|d, s| d.handle_quiet(s, pid, wave, still));
+            }
+            (Some(Control::Tally(t)), Relation::Child(pid)) => {
+                self.subtree += t;
+                self.tallied.insert(pid);
+            }
             _ => self.emit_error(
                 &BusError::BadControl {
                     peer: self.peer_of(link),
@@ -1618,9 +1675,13 @@ impl Bus {
 
     fn on_internal(&mut self, event: Internal) {
         match event {
-            Internal::ChildExit(pid, status) => {
-                if !self.tallied.remove(&pid) && self.is_stopping() {
-                    self.subtree.unreported += 1;
+            Internal::ChildExit(pid, status, seen) => {
+                // Its link may have gone down after the reaping (then it told us now).
+                let seen = self.children_seen.remove(&pid).unwrap_or(0).max(seen);
+                // A child that exits without its tally takes its subtree's counts with it:
+                // every process the tree heard of behind it is unreported.
+                if !self.tallied.remove(&pid) {
+                    self.subtree.unreported += seen.max(1);
                 }
                 self.emit("on_child_exit", |l, bus| l.on_child_exit(bus, pid, status));
             }

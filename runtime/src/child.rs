@@ -93,26 +93,25 @@ impl fmt::Display for ExitStatus {
     }
 }
 
-/// Where a child is in its life, as the parent sees it.
-///
-/// ```text
-///   Running ──(shutdown sent)──► Stopping ──(reaped)──► removed, ChildExit reported
-/// ```
-/// Its link may go down before or after the reaping; both orders give one peer shutdown and
-/// one child exit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ChildState {
-    Running,
-    Stopping,
-}
-
-/// One child.
+/// One child. Its link may go down before or after its reaping; both orders give one peer
+/// shutdown and one child exit.
 #[derive(Debug)]
 pub(crate) struct Child {
     pub(crate) node: NodeId,
     /// Its link while open.
     pub(crate) link: Option<LinkId>,
-    pub(crate) state: ChildState,
+    /// Processes its subtree ever had, as this node heard (set when its link went down).
+    pub(crate) seen: u64,
+}
+
+impl Child {
+    pub(crate) fn new(node: NodeId, link: LinkId) -> Self {
+        Self {
+            node,
+            link: Some(link),
+            seen: 0,
+        }
+    }
 }
 
 /// The children of this process, by pid.

@@ -92,7 +92,8 @@ pub enum ForkError {
     },
     /// The bus is draining for shutdown and forks nothing more.
     ShuttingDown,
-    /// The child's name is not a valid name. Nothing was forked.
+    /// The child's name was refused (invalid, or held by another node). Nothing was
+    /// forked.
     Name(NameError),
     /// An OS call failed (counting threads, `socketpair`, `fork`, registering the link).
     Io(io::Error),
@@ -105,7 +106,7 @@ impl fmt::Display for ForkError {
                 write!(f, "refusing to fork a process with {threads} threads")
             }
             Self::ShuttingDown => f.write_str("the bus is shutting down"),
-            Self::Name(e) => write!(f, "invalid child name: {e}"),
+            Self::Name(e) => write!(f, "the child's name was refused: {e}"),
             Self::Io(e) => write!(f, "fork failed: {e}"),
         }
     }
@@ -213,6 +214,25 @@ pub enum NameError {
         /// The configured limit.
         max: usize,
     },
+    /// Another node holds it (names are unique; only a parent may hand a name on, to the
+    /// child it forks).
+    Taken {
+        /// The name.
+        name: String,
+        /// The node holding it, as this node knows.
+        holder: NodeId,
+    },
+    /// This node holds as many names or groups as it may (or the table as many as it
+    /// may).
+    TooMany {
+        /// The bound.
+        max: usize,
+    },
+    /// A link's control output is backed up (a slow peer): the announcement would pile up.
+    /// Try again after the link drained
+    /// ([`Listener::on_send_ready`](crate::Listener::on_send_ready) is not promised for
+    /// this).
+    Backlogged,
 }
 
 impl fmt::Display for NameError {
@@ -221,6 +241,9 @@ impl fmt::Display for NameError {
             Self::Invalid { len, max } => {
                 write!(f, "name of {len} bytes is empty or longer than {max}")
             }
+            Self::Taken { name, holder } => write!(f, "name {name:?} is held by node {holder}"),
+            Self::TooMany { max } => write!(f, "at the bound of {max} names or groups"),
+            Self::Backlogged => f.write_str("a link's control output is backed up"),
         }
     }
 }
@@ -228,10 +251,15 @@ impl fmt::Display for NameError {
 impl std::error::Error for NameError {}
 
 impl NameError {
+    /// The router's refusal of a name operation. The router refuses names for no other
+    /// reasons than these.
     pub(crate) fn from_router(e: forkbus_router::Error) -> Self {
+        use forkbus_router::Error as E;
         match e {
-            forkbus_router::Error::InvalidName { len, max } => Self::Invalid { len, max },
-            _ => Self::Invalid { len: 0, max: 0 },
+            E::InvalidName { len, max } => Self::Invalid { len, max },
+            E::NameTaken { name, holder } => Self::Taken { name, holder },
+            E::TooManyNames { max } => Self::TooMany { max },
+            _ => Self::Backlogged,
         }
     }
 }

@@ -65,6 +65,7 @@ mod child;
 mod clock;
 mod control;
 pub mod daemon;
+mod drain;
 mod error;
 pub mod exec;
 pub mod external;
@@ -95,8 +96,8 @@ pub use supervisor::{should_stop, ChildSpec, Restart, SupervisionEvent, Supervis
 pub use timer::TimerId;
 
 pub use forkbus_router::{
-    Address, Destination, LossReason, LossReport, LostEnvelope, MessageId, NodeId, RouterConfig,
-    SendOptions, Timestamp,
+    Address, Destination, Fate, LossReason, LossReport, LostEnvelope, MessageId, NodeId,
+    RouterConfig, SendOptions, Timestamp, UnknownReason,
 };
 
 /// Addresses, spelled shortly.

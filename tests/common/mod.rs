@@ -477,12 +477,21 @@ pub fn nix_pid(p: Pid) -> NixPid {
     NixPid::from_raw(i32::try_from(p.as_raw()).unwrap_or(i32::MAX))
 }
 
-/// Shuts the tree down gracefully and checks it ended cleanly.
-pub fn shutdown(mut bus: Bus) -> Result<(), String> {
+/// Shuts the tree down gracefully and checks it ended cleanly: every process reported.
+pub fn shutdown(bus: Bus) -> Result<(), String> {
+    shutdown_after_kills(bus, 0)
+}
+
+/// Shuts the tree down gracefully after the scenario killed `killed` processes on purpose:
+/// exactly those are unreported in the tally, no child is left.
+pub fn shutdown_after_kills(mut bus: Bus, killed: u64) -> Result<(), String> {
     bus.shutdown_tree();
     match bus.run().map_err(|e| e.to_string())? {
-        Stop::Shutdown(t) => ensure(t.unreported == 0 && bus.children().is_empty(), || {
-            format!("shutdown tally {t:?}, children left {:?}", bus.children())
+        Stop::Shutdown(t) => ensure(t.unreported == killed && bus.children().is_empty(), || {
+            format!(
+                "shutdown tally {t:?} ({killed} killed), children left {:?}",
+                bus.children()
+            )
         }),
         other => Err(format!("shutdown ended with {other:?}")),
     }

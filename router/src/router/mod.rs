@@ -1278,22 +1278,20 @@ impl Router {
             self.lose(&env, Fate::Lost(LossReason::HopLimit));
             return;
         }
+        if deliver {
+            // The copy delivered here has the hops it came with.
+            self.arrive_here(env.clone(), Some(from));
+        }
         env.hops += 1;
         let max_len = envelope_frame_len(u64::MAX, &env);
         if max_len - 4 > self.config.max_frame as usize {
             // Grown past the frame limit on its way (a trace from a sender that did not
             // reserve room): the next hop would refuse the frame and close the link.
             self.count_copies(deliver, 1);
-            if deliver {
-                self.arrive_here(env.clone(), Some(from));
-            }
             self.lose(&env, Fate::Lost(LossReason::TooLarge));
             return;
         }
         self.count_copies(deliver, targets.len());
-        if deliver {
-            self.arrive_here(env.clone(), Some(from));
-        }
         self.stats.forwarded += 1;
         let queued = Queued::with_len(env, max_len, false, targets.len());
         for link in targets {

@@ -182,14 +182,6 @@ impl Core {
         self.slots.len()
     }
 
-    /// The child with this name.
-    pub(crate) fn child_named(&self, name: &str) -> Option<ChildId> {
-        self.slots
-            .iter()
-            .position(|s| s.spec.name.as_deref() == Some(name))
-            .map(|i| ChildId(i as u32))
-    }
-
     /// The spec of a child.
     pub(crate) fn spec(&self, child: ChildId) -> Option<&ChildSpec> {
         self.slot(child).map(|s| &s.spec)

@@ -49,17 +49,30 @@
 //!
 //! # Names and envelopes across restarts
 //!
-//! A child's name is registered by each new process at birth, so the router moves it to
-//! the new node at once; a replacement (recycling, reload) takes the name over before the
-//! old process is asked to stop, so every envelope routed by name reaches the old process
-//! before its stop request, or the new one. Envelopes the old process held when it died
-//! are reported lost to their origins by the router (the link's lost list and loss
-//! notices); envelopes delivered to its application but not answered die with it — the
-//! origin learns of it from the node's withdrawal ([`Listener::on_node_down`]).
-//! While no process holds the name, envelopes to it are reported lost (`no route`) by
-//! default; with [`WhileDown::Queue`] the supervisor holds the name and up to `capacity`
-//! envelopes, and relays them to the next process once it is ready (see `relay.rs` for
-//! the wire and what origins see).
+//! **The rule: a name is bound to a node at the sender.** An envelope sent to a name goes
+//! to the node the name resolves to in the sender's routing table when it is sent
+//! ([`Destination::NameAt`](forkbus_router::Destination::NameAt)), and its outcome is
+//! about that node: routing never re-resolves the name on the way, so an envelope is
+//! never delivered to one process while its receipt waits on another.
+//!
+//! - A child's name is given by its supervisor to each new process at birth (the only
+//!   way a name moves: names are unique, and a name held by another node is refused to
+//!   [`Bus::register_name`] and to [`Bus::fork`]). A replacement (recycling, reload) takes
+//!   the name over before the old process is asked to stop: envelopes bound to the old
+//!   process still reach it (it serves until quiet), envelopes sent after the senders
+//!   heard of the move go to the new one; both end `Delivered` when taken.
+//! - A process that dies takes with it what it held: envelopes queued or unacknowledged
+//!   towards it come back from its link as lost (never written: sure; unacknowledged:
+//!   unknown), envelopes it took but did not answer end `Unknown(destination down)` at
+//!   their origins once its route is withdrawn ([`Listener::on_node_down`]).
+//! - While no process holds the name (between a crash and the restart), envelopes sent to
+//!   it are lost for sure (`no route`: safe to retry) by default; with
+//!   [`WhileDown::Queue`] the supervisor holds the name in custody and up to `capacity`
+//!   envelopes, their receipts open, and hands them to the restart ahead of anything else
+//!   (`custody.rs`): they end `Delivered` there, or `Lost(abandoned)` if the child is not
+//!   restarted.
+//! - An envelope bound to the supervisor as custodian that arrives after the restart took
+//!   the name is passed on to the restart too.
 //!
 //! # Exits and waits
 //!
@@ -70,17 +83,17 @@
 
 mod agent;
 mod core;
+mod custody;
 mod error;
 mod policy;
 mod proto;
-mod relay;
 mod types;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use forkbus_router::{LossReport, MessageId, NodeId, Timestamp};
+use forkbus_router::Timestamp;
 use nix::sys::signal::{kill, Signal};
 
 pub use agent::{hold_stop, ready, release_stop, should_stop};
@@ -153,10 +166,8 @@ struct Entry {
     starts: Vec<StartFn>,
     timer: Option<(TimerId, Timestamp)>,
     pool: Option<PoolState>,
-    /// Names held for children that are down ([`WhileDown::Queue`]).
-    held: BTreeMap<ChildId, relay::Held>,
-    /// Relays in flight: relay id → the original envelope's origin and sequence number.
-    relays: HashMap<MessageId, (NodeId, u64)>,
+    /// Names held in custody for children that are down ([`WhileDown::Queue`]).
+    held: BTreeMap<ChildId, String>,
 }
 
 type WaitCond = Box<dyn Fn(&Registry) -> bool>;
@@ -188,7 +199,6 @@ impl Supervisor {
             timer: None,
             pool: None,
             held: BTreeMap::new(),
-            relays: HashMap::new(),
         }));
         bus.add_listener(PRIORITY, SupervisorListener { id });
         Self { id }
@@ -473,7 +483,7 @@ fn operate<R>(
     let mut entry = bus.supervision.supervisors.get_mut(id.0 as usize)?.take()?;
     let job = entry.pool.as_ref().map(PoolState::job);
     let draining = bus.is_stopping() && !entry.core.is_shutting_down();
-    let (result, mut events, mut outcomes) = {
+    let (result, events, mut outcomes) = {
         let mut shell = Shell {
             bus,
             starts: &entry.starts,
@@ -508,8 +518,7 @@ fn operate<R>(
             pool.keep(o);
         }
     }
-    let more = relay::after_events(bus, id, &mut entry, &events);
-    events.extend(more);
+    custody::after_events(bus, &mut entry, &events);
     rearm(bus, id, &mut entry);
     bus.supervision.supervisors[id.0 as usize] = Some(entry);
     for event in events {
@@ -617,32 +626,16 @@ impl Listener for SupervisorListener {
 
     fn on_shutdown(&mut self, bus: &mut Bus) {
         operate(bus, self.id, |core, _, fx| core.shutdown(fx));
-        relay::drop_held(bus, self.id);
-    }
-
-    fn on_delivered(&mut self, bus: &mut Bus, id: MessageId) {
-        if let Some(Some(e)) = bus.supervision.supervisors.get_mut(self.id.0 as usize) {
-            e.relays.remove(&id);
-        }
-    }
-
-    fn on_lost(&mut self, bus: &mut Bus, report: &LossReport) {
-        let relay = match bus.supervision.supervisors.get_mut(self.id.0 as usize) {
-            Some(Some(e)) => e.relays.remove(&report.id),
-            _ => None,
+        // Nothing restarts now: names held for down children are given up (what they held
+        // is reported lost to its origins).
+        let held = match bus.supervision.supervisors.get_mut(self.id.0 as usize) {
+            Some(Some(e)) => std::mem::take(&mut e.held),
+            _ => BTreeMap::new(),
         };
-        if let Some((origin, seq)) = relay {
-            // A relay of a held envelope was lost: its origin hears of it.
-            relay::notify_lost(bus, origin, seq, report.reason);
+        for name in held.into_values() {
+            bus.release_held_name(&name);
         }
     }
-}
-
-/// An envelope delivered to this process, before any listener sees it: relays and loss
-/// notices of held names are unwrapped, envelopes for a held name are kept. `true`: taken
-/// care of.
-pub(crate) fn intercept(bus: &mut Bus, message: &crate::message::Message) -> bool {
-    relay::intercept(bus, message)
 }
 
 /// Whether a link control code is supervision's.

@@ -74,22 +74,15 @@ pub enum WhileDown {
     /// origins. The default.
     #[default]
     Lose,
-    /// The supervisor takes the name and holds up to `capacity` of them, passing them on to
-    /// the next process once it is ready, with their origin and id (the worker answers
-    /// their origins as usual). Beyond the capacity the name is given up (the router
-    /// reports further envelopes lost); held envelopes that cannot be passed on (the relay
-    /// is lost, the child is stopped or given up on) are reported to their origins'
-    /// [`Listener::on_lost`](crate::Listener::on_lost).
-    ///
-    /// Caveats (the router cannot relay an envelope it delivered): an origin that asked
-    /// for a receipt hears "delivered" when the supervisor took the envelope; relays and
-    /// notices are envelopes whose payload starts with the CBOR tag head
-    /// `0xDA 'F' 'B' 'R'`, reserved; envelopes held when the bus begins a shutdown can no
-    /// longer be reported to their origins (sends are refused) and are counted in
-    /// [`SupervisionEvent::HeldDropped`].
+    /// The supervisor holds the name in custody: up to `capacity` envelopes are taken,
+    /// their receipts left open, and handed to the next process when it is forked, ahead
+    /// of anything sent to it later, with their origin and id (the worker answers their
+    /// origins as usual; their receipts end `Delivered` when it takes them). Beyond the
+    /// capacity an envelope is lost for sure (`queue full`); held envelopes of a child that
+    /// is not started again (given up, stopped, the bus draining) are reported lost for
+    /// sure (`abandoned`) to their origins.
     Queue {
-        /// Envelopes held at most; beyond, the name is given up and the router reports
-        /// further envelopes lost.
+        /// Envelopes held at most; beyond, each is lost for sure (`queue full`).
         capacity: usize,
     },
 }
@@ -426,14 +419,6 @@ pub enum SupervisionEvent {
         child: ChildRef,
         /// Restarts within the window.
         restarts: u32,
-    },
-    /// Envelopes held for a down child's name ([`WhileDown::Queue`]) that could be
-    /// neither relayed nor reported lost to their origins (the bus is draining).
-    HeldDropped {
-        /// The child.
-        child: ChildRef,
-        /// How many.
-        count: u64,
     },
     /// A rolling reload began.
     ReloadStarted {
