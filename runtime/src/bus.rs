@@ -99,6 +99,12 @@ pub struct ForkOptions {
     /// Kill the child (`SIGKILL`) when this process dies (`PR_SET_PDEATHSIG`). On by
     /// default.
     pub die_with_parent: bool,
+    /// Descriptors the child keeps open besides 0, 1, 2 and its parent link: every other
+    /// descriptor of this process is closed in the child right after `fork` (as Python's
+    /// `subprocess` does with `close_fds=True`). Numbers that are not open are ignored; a
+    /// descriptor this bus owns (a link, one registered with [`Bus::add_fd`]) is closed
+    /// all the same, so keep a duplicate of it instead. See [`keep_fd`](Self::keep_fd).
+    pub keep_fds: Vec<RawFd>,
 }
 
 impl Default for ForkOptions {
@@ -106,6 +112,7 @@ impl Default for ForkOptions {
         Self {
             name: None,
             die_with_parent: true,
+            keep_fds: Vec::new(),
         }
     }
 }
@@ -123,6 +130,15 @@ impl ForkOptions {
     #[must_use]
     pub fn die_with_parent(mut self, yes: bool) -> Self {
         self.die_with_parent = yes;
+        self
+    }
+
+    /// Keeps a descriptor open in the child (a listening socket shared with workers, a
+    /// pipe to report on, a log file); see [`keep_fds`](Self::keep_fds). The child has it
+    /// under the same number.
+    #[must_use]
+    pub fn keep_fd(mut self, fd: impl AsRawFd) -> Self {
+        self.keep_fds.push(fd.as_raw_fd());
         self
     }
 }
@@ -612,8 +628,9 @@ impl Bus {
     /// Registers a descriptor of the application's in the loop (level-triggered: the
     /// callback runs on every iteration while the descriptor is ready, so read it until it
     /// would block, or drop the interest). The bus owns it until [`remove_fd`](Self::remove_fd);
-    /// a forked child closes the parent's registered descriptors (keep a duplicate outside
-    /// the bus to share one, a listening socket say, with children).
+    /// a forked child closes the parent's registered descriptors, like every descriptor it
+    /// was not told to keep: to share one with children (a listening socket, say), keep a
+    /// duplicate outside the bus and name that in [`ForkOptions::keep_fd`].
     pub fn add_fd(
         &mut self,
         fd: OwnedFd,
@@ -783,9 +800,16 @@ impl Bus {
     ///
     /// Refused, with nothing forked, when this process has more than one thread or the bus
     /// is draining. In the child: the parent's links, signalfd, poller and registered
-    /// descriptors are closed; its router, queues, timers, listeners and child table are
-    /// dropped (forgotten: their destructors belong to the parent); with
-    /// [`ForkOptions::die_with_parent`], the child gets `SIGKILL` when this process dies.
+    /// descriptors are closed, and so is every other descriptor but 0, 1, 2, its parent
+    /// link and those named in [`ForkOptions::keep_fds`] (before the child's bus opens its
+    /// own); its router, queues, timers, listeners and child table are dropped (forgotten:
+    /// their destructors belong to the parent); with [`ForkOptions::die_with_parent`], the
+    /// child gets `SIGKILL` when this process dies.
+    ///
+    /// A value the child inherits that owns a descriptor it did not keep (a `File`, a
+    /// socket, an `OwnedFd` moved into `child`) refers to a closed number, which the
+    /// child's bus may reuse: the child must neither use nor drop it (forget it, or
+    /// release it with `into_raw_fd`), or keep its descriptor.
     pub fn fork<F>(&mut self, options: ForkOptions, child: F) -> Result<Pid, ForkError>
     where
         F: FnOnce(&mut Self),
@@ -889,6 +913,17 @@ impl Bus {
         // Close every descriptor of the parent's bus before opening ours, so no number is
         // closed twice.
         self.reactor.abandon();
+        // Then every other descriptor but stdio, the parent link and what the caller keeps:
+        // the child holds only what it was given. Before the new bus opens its own.
+        let mut keep = options.keep_fds;
+        keep.extend([0, 1, 2, link_fd.as_raw_fd()]);
+        keep.retain(|fd| *fd >= 0);
+        keep.sort_unstable();
+        keep.dedup();
+        if let Err(e) = close_all_but(&keep) {
+            tracing::error!(error = %e, "cannot close the inherited descriptors");
+            exit_now(EXIT_OS_ERROR);
+        }
         let built = forked
             .map_err(io::Error::from)
             .and_then(|(router, link)| Self::build(config, router).map(|bus| (bus, link)));
@@ -1721,6 +1756,44 @@ impl Drop for Bus {
         }
         let _ = BUS_PID.compare_exchange(self.owner, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
+}
+
+/// Closes every descriptor of this process but those in `keep` (sorted, without
+/// duplicates or negative numbers): `close_range` over the gaps, or one by one from
+/// `/proc/self/fd` where `close_range` fails.
+fn close_all_but(keep: &[RawFd]) -> io::Result<()> {
+    let mut gaps = Vec::with_capacity(keep.len() + 1);
+    let mut from: u32 = 0;
+    for &fd in keep {
+        let Ok(fd) = u32::try_from(fd) else {
+            continue;
+        };
+        if fd > from {
+            gaps.push((from, fd - 1));
+        }
+        from = from.max(fd.saturating_add(1));
+    }
+    gaps.push((from, u32::MAX));
+    for (first, last) in gaps {
+        let (first, last, flags): (nix::libc::c_uint, nix::libc::c_uint, nix::libc::c_uint) =
+            (first, last, 0);
+        // SAFETY: close_range only closes descriptor numbers. Their owners in this forked
+        // process are the parent's values: the bus's were abandoned or are forgotten, the
+        // application's must not be used or dropped in the child (see `Bus::fork`).
+        let rc = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, first, last, flags) };
+        if rc != 0 {
+            // ENOSYS before Linux 5.9; EPERM under seccomp filters that predate it.
+            for fd in crate::reactor::open_fds()? {
+                if keep.binary_search(&fd).is_err() {
+                    // The directory read above had a descriptor of its own, closed by
+                    // now: its EBADF is ignored with the rest.
+                    let _ = nix::unistd::close(fd);
+                }
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Ends a forked child without unwinding into the caller's code.

@@ -410,6 +410,7 @@ impl Effects for Shell<'_> {
         let options = ForkOptions {
             name: order.name.clone(),
             die_with_parent: order.die_with_parent,
+            keep_fds: order.keep_fds.clone(),
         };
         self.bus
             .fork(options, move |bus| {
