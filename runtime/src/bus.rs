@@ -25,7 +25,7 @@ use crate::control::{Tally, CONTROL_SHUTDOWN, CONTROL_TALLY};
 use crate::error::{BusError, ForkError, NameError, SendError};
 use crate::handle::{BusHandle, Outgoing, Request};
 use crate::listener::{panic_message, Listener, ListenerId, ListenerSet, PeerShutdown, Relation};
-use crate::message::{encode, Message};
+use crate::message::{encode, encode_capped, Message};
 use crate::reactor::{
     FdCallback, FdId, FdReady, Interest, LinkSource, Reactor, Ready, Source, UserSource,
 };
@@ -507,13 +507,18 @@ impl Bus {
     }
 
     /// Sends a value with options (a delivery receipt, a routing trace, a hop limit).
+    ///
+    /// A value whose encoding passes the frame limit (`BusConfig::router.max_frame`) is
+    /// refused as soon as it does, before it is encoded whole
+    /// ([`SendError::Router`] with `PayloadTooLarge`, whose `len` is then a lower bound).
     pub fn send_with<T: Serialize + ?Sized>(
         &mut self,
         to: impl Into<Address>,
         value: &T,
         options: SendOptions,
     ) -> Result<MessageId, SendError> {
-        let payload = encode(value, &mut self.scratch)?;
+        let max_frame = usize::try_from(self.config.router.max_frame).unwrap_or(usize::MAX);
+        let payload = encode_capped(value, &mut self.scratch, max_frame)?;
         self.send_bytes(to, payload, options)
     }
 
