@@ -713,16 +713,18 @@ impl Bus {
     ) -> io::Result<LinkId> {
         let now = self.now();
         let link = self.router.handle_link_up(now, peer);
-        self.register_link(fd, link, peer, relation)
+        self.register_link(fd, link, peer, relation, false)
     }
 
-    /// Registers the descriptor of a link the router has opened.
+    /// Registers the descriptor of a link the router has opened (`forked`: to a child
+    /// this process forked).
     fn register_link(
         &mut self,
         fd: OwnedFd,
         link: LinkId,
         peer: Option<NodeId>,
         relation: Relation,
+        forked: bool,
     ) -> io::Result<LinkId> {
         let now = self.now();
         let span = tracing::debug_span!(
@@ -733,6 +735,7 @@ impl Bus {
             link,
             peer,
             relation,
+            forked,
             writing: false,
             span,
         });
@@ -755,7 +758,7 @@ impl Bus {
     pub(crate) fn adopt_node(&mut self, fd: OwnedFd, pid: Pid, node: NodeId) -> io::Result<()> {
         let now = self.now();
         let link = self.router.handle_link_up(now, Some(node));
-        let link = self.register_link(fd, link, Some(node), Relation::Child(pid))?;
+        let link = self.register_link(fd, link, Some(node), Relation::Child(pid), false)?;
         self.children.insert(
             pid,
             Child {
@@ -782,6 +785,24 @@ impl Bus {
             Relation::Attached => None,
         };
         link.is_some_and(|l| self.router.send_control(l, code, data).is_ok())
+    }
+
+    /// Not part of the API: a test hook. Queues a well-formed link-level control frame of
+    /// the kind named (`"shutdown"`, `"tally"`, or a supervision frame: `"ping"`, `"pong"`,
+    /// `"ready"`, `"stop"`, `"recycle"`, `"gave-up"`, `"job"`, `"result"`) for a neighbour,
+    /// whether this process may send it or not, so that a test can check that the
+    /// neighbour refuses a frame from the wrong relation. `false` for an unknown kind or
+    /// without an open link.
+    #[doc(hidden)]
+    pub fn send_forged_control(&mut self, to: Relation, kind: &str) -> bool {
+        let frame = match kind {
+            "shutdown" => Some((CONTROL_SHUTDOWN, Vec::new())),
+            "tally" => encode(&Tally::default(), &mut Vec::new())
+                .ok()
+                .map(|data| (CONTROL_TALLY, data)),
+            other => crate::supervisor::forged_frame(other),
+        };
+        frame.is_some_and(|(code, data)| self.send_link_control(to, code, data))
     }
 
     /// Runs `work` at the loop's top level after the current event, where it may call
@@ -862,7 +883,7 @@ impl Bus {
                 let names: Vec<String> = options.name.iter().cloned().collect();
                 let now = self.now();
                 let link = self.router.handle_fork(now, node, &names);
-                match self.register_link(ours, link, Some(node), Relation::Child(pid)) {
+                match self.register_link(ours, link, Some(node), Relation::Child(pid), true) {
                     Ok(link) => {
                         tracing::debug!(parent: &self.span, child = %node, "forked");
                         self.children.insert(
@@ -942,7 +963,8 @@ impl Bus {
                     node: parent_node,
                     link: None,
                 });
-                match self.register_link(link_fd, link, Some(parent_node), Relation::Parent) {
+                match self.register_link(link_fd, link, Some(parent_node), Relation::Parent, false)
+                {
                     Ok(link) => {
                         self.parent = Some(ParentInfo {
                             node: parent_node,
@@ -1617,17 +1639,21 @@ impl Bus {
         });
     }
 
+    /// A link-level control frame, taken only from the neighbour that may send it
+    /// (`SHUTDOWN` from the parent, `TALLY` from a child, supervision frames as
+    /// `supervisor::on_control` says); anything else is a [`BusError::BadControl`] to the
+    /// listeners and otherwise ignored.
     fn on_control(&mut self, link: LinkId, code: u32, data: &[u8]) {
-        let relation = match self
+        let (relation, forked) = match self
             .links
             .get(&link)
             .and_then(|k| self.reactor.sources.get(*k))
         {
-            Some(Source::Link(l)) => l.relation,
+            Some(Source::Link(l)) => (l.relation, l.forked),
             _ => return,
         };
         if crate::supervisor::is_control(code)
-            && crate::supervisor::on_control(self, relation, code, data)
+            && crate::supervisor::on_control(self, relation, forked, code, data)
         {
             return;
         }
@@ -1646,13 +1672,16 @@ impl Bus {
                     None,
                 ),
             },
-            _ => self.emit_error(
-                &BusError::BadControl {
-                    peer: self.peer_of(link),
-                    code,
-                },
-                None,
-            ),
+            _ => {
+                tracing::warn!(%link, code, ?relation, forked, "control frame refused");
+                self.emit_error(
+                    &BusError::BadControl {
+                        peer: self.peer_of(link),
+                        code,
+                    },
+                    None,
+                );
+            }
         }
     }
 
