@@ -21,7 +21,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -77,13 +77,41 @@ enum Wire {
 
 thread_local! {
     /// The two ends of the redundant link, by the name of the node that will adopt each.
-    /// Every process inherits a copy at fork: each keeps the ends meant for its subtree
-    /// and closes the others, so that no stray copy masks an end of file.
+    /// Every process gets a copy of the list at fork, but only the ends meant for its
+    /// subtree stay open in it (`ForkOptions::keep_fd`): it forgets the others, and
+    /// closes an end once it passed it on, so that no stray copy masks an end of file.
     static CROSS: RefCell<Vec<(String, OwnedFd)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Closes the ends not kept here.
 fn keep_cross(keep: impl Fn(&str) -> bool) {
     CROSS.with(|c| c.borrow_mut().retain(|(owner, _)| keep(owner)));
+}
+
+/// In a freshly forked node: forgets the ends meant for other subtrees. The fork closed
+/// them (they were not kept), so they must not be closed again.
+fn forget_cross(keep: impl Fn(&str) -> bool) {
+    CROSS.with(|c| {
+        let all = std::mem::take(&mut *c.borrow_mut());
+        for (owner, fd) in all {
+            if keep(&owner) {
+                c.borrow_mut().push((owner, fd));
+            } else {
+                let _closed_by_fork = fd.into_raw_fd();
+            }
+        }
+    });
+}
+
+/// The descriptors of the ends meant for a subtree.
+fn cross_fds_for(name: &str) -> Vec<RawFd> {
+    CROSS.with(|c| {
+        c.borrow()
+            .iter()
+            .filter(|(owner, _)| in_subtree(owner, name))
+            .map(|(_, fd)| fd.as_raw_fd())
+            .collect()
+    })
 }
 
 fn in_subtree(owner: &str, name: &str) -> bool {
@@ -187,8 +215,12 @@ fn spawn(bus: &mut Bus, root: u32, parent: &str, depth: u32, fanout: u32) {
             format!("{parent}.{i}")
         };
         let n = name.clone();
-        let forked = bus.fork(ForkOptions::named(name.clone()), move |bus| {
-            keep_cross(|owner| in_subtree(owner, &n));
+        let mut options = ForkOptions::named(name.clone());
+        for fd in cross_fds_for(&name) {
+            options = options.keep_fd(fd);
+        }
+        let forked = bus.fork(options, move |bus| {
+            forget_cross(|owner| in_subtree(owner, &n));
             bus.add_listener(
                 0,
                 Node {

@@ -1,6 +1,6 @@
 //! A prefork HTTP/1.1 server on the bus: the root binds one listening socket on 127.0.0.1
-//! and supervises N workers forked from it; each worker accepts from the inherited
-//! listener and serves keep-alive HTTP/1.1 from its own reactor.
+//! and supervises N workers forked from it; each worker accepts from the listener it was
+//! given and serves keep-alive HTTP/1.1 from its own reactor.
 //!
 //! ```text
 //! cargo run --release --example prefork_http -- --workers 4 --max-requests 10000
@@ -10,8 +10,8 @@
 //! ```
 //!
 //! - **One shared listener.** The root binds it (non-blocking, backlog 1024) and never
-//!   accepts; every worker inherits it through `fork` and registers it with
-//!   [`Bus::add_fd`]. All idle workers wake on a new connection and race to accept it (a
+//!   accepts; every worker keeps it through `fork` (a forked child keeps only the
+//!   descriptors named in [`ChildSpec::keep_fd`]) and registers it with [`Bus::add_fd`]. All idle workers wake on a new connection and race to accept it (a
 //!   thundering herd, acceptable at this size; the losers see `WouldBlock`); each takes one
 //!   connection per wake-up, so a burst spreads over the workers. Because the
 //!   root keeps the socket open, the kernel queues connections while workers come and go.
@@ -498,10 +498,10 @@ struct Worker {
 
 type Shared = Rc<RefCell<Worker>>;
 
-/// Runs in every worker process: takes the inherited listener, registers it, and serves.
+/// Runs in every worker process: takes the kept listener, registers it, and serves.
 fn worker(bus: &mut Bus, listen_fd: RawFd, recycling: bool) {
     // SAFETY: `listen_fd` is the root's listening socket, open in this process because
-    // fork copied it. The root's `TcpListener` that owns it lives in `main`'s frame, which
+    // the worker's spec keeps it (`ChildSpec::keep_fd`) when fork copies it. The root's `TcpListener` that owns it lives in `main`'s frame, which
     // this process never returns to (a forked bus child ends in `_exit`), so nothing else
     // in this process closes or uses the descriptor: this worker owns its copy, and closes
     // it when it stops accepting.
@@ -915,7 +915,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on {addr}");
     let recycling = args.max_requests > 0;
     for i in 0..args.workers {
-        let mut spec = ChildSpec::named(format!("http-{i}")).stop_timeout(args.stop_timeout);
+        let mut spec = ChildSpec::named(format!("http-{i}"))
+            .stop_timeout(args.stop_timeout)
+            .keep_fd(listen_fd);
         if recycling {
             spec = spec.max_requests(args.max_requests, args.jitter);
         }

@@ -2,7 +2,8 @@
 //! pipe buffer, exit codes and signals, failed privilege drops that never run the program,
 //! cancel and its escalation, a stopped child, timeouts, input, the output bound, pipes held
 //! open, descriptors, environment, shutdown) and programs that join the tree as nodes
-//! (unicast by pid and name, broadcast, exit, loss report).
+//! (unicast by pid and name, broadcast, exit, loss report, control frames they may not
+//! send).
 //!
 //! `harness = false`: every scenario runs in a forked process of its own under a deadline
 //! (`tests/common/mod.rs`); the programs are real (`/bin/sh`, `cat`, `sleep`, and the
@@ -23,8 +24,8 @@ use forkbus::exec::{
 };
 use forkbus::runtime::identity::{Credentials, IdentityError, PrivilegeDrop};
 use forkbus::{
-    to, Bus, BusConfig, ExitStatus, ForkOptions, Listener, LossReport, Message, MessageId,
-    PeerShutdown, Pid, Relation, Stop,
+    to, Bus, BusConfig, BusError, ExitStatus, ForkOptions, Listener, LossReport, Message,
+    MessageId, NodeId, PeerShutdown, Pid, Relation, Stop, SupervisionEvent,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -95,6 +96,11 @@ fn main() {
         node_loss,
     );
     h.run("node_follows_a_tree_shutdown", DEADLINE, node_shutdown);
+    h.run(
+        "control_frames_only_from_their_relation",
+        DEADLINE,
+        control_by_relation,
+    );
     h.finish();
 }
 
@@ -952,4 +958,115 @@ fn node_shutdown() -> Result<(), String> {
     ensure(l.exits == [(pid, ExitStatus::Code(0))], || {
         format!("exits: {:?}", l.exits)
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// Control frames by relation
+
+/// Bad control frames by sender, and supervision events.
+#[derive(Debug, Default)]
+struct ControlLog {
+    bad: Vec<(Option<NodeId>, u32)>,
+    supervision: Vec<SupervisionEvent>,
+}
+
+struct ControlEar(Rc<RefCell<ControlLog>>);
+
+impl Listener for ControlEar {
+    fn on_router_error(&mut self, _bus: &mut Bus, error: &BusError) {
+        if let BusError::BadControl { peer, code } = error {
+            self.0.borrow_mut().bad.push((*peer, *code));
+        }
+    }
+
+    fn on_supervision(&mut self, _bus: &mut Bus, event: &SupervisionEvent) {
+        self.0.borrow_mut().supervision.push(event.clone());
+    }
+}
+
+/// Link-level control frames are taken only from the relation that may send them: a node
+/// started with `exec_node` can inject no supervision event nor a shutdown into its parent
+/// (each frame is a `BadControl`, the process goes on), and refuses what a parent may not
+/// send it; a forked child may tell of a supervisor of its own giving up, but its pong,
+/// from a process no supervisor here owns, is refused.
+fn control_by_relation() -> Result<(), String> {
+    let mut bus = root()?;
+    let log: Rc<RefCell<NodeLog>> = Rc::default();
+    bus.add_listener(0, Recorder(log.clone()));
+    let ctl: Rc<RefCell<ControlLog>> = Rc::default();
+    bus.add_listener(0, ControlEar(ctl.clone()));
+    let me = bus.pid();
+
+    let forked = bus
+        .fork(ForkOptions::named("forked"), move |bus| {
+            let sent = bus.send_forged_control(Relation::Parent, "gave-up")
+                && bus.send_forged_control(Relation::Parent, "pong");
+            let _ = bus.send(me, &format!("forked sent: {sent}"));
+        })
+        .map_err(|e| e.to_string())?;
+    let forked_node = bus
+        .child_node(forked)
+        .ok_or("no node for the forked child")?;
+    wait_heard(&mut bus, &log, forked.as_raw(), "forked sent: true")?;
+
+    let command = Command::new(NODE_EXE)
+        .arg("--forge")
+        .stdout(Output::Inherit)
+        .stderr(Output::Inherit);
+    let pid = bus.exec_node(&command).map_err(|e| e.to_string())?;
+    let node = bus.child_node(pid).ok_or("no node for the exec'd child")?;
+    // It sent its nine forged frames before this.
+    wait_heard(&mut bus, &log, pid.as_raw(), "forged")?;
+    // What a parent may not send to a node that is no supervised worker.
+    for kind in [
+        "ping", "stop", "job", "pong", "ready", "recycle", "result", "gave-up", "tally",
+    ] {
+        ensure(bus.send_forged_control(Relation::Child(pid), kind), || {
+            format!("cannot send {kind} to the node")
+        })?;
+    }
+    bus.send(pid, &"report".to_string())
+        .map_err(|e| e.to_string())?;
+    wait_heard(&mut bus, &log, pid.as_raw(), "bad:9")?;
+    run_for(&mut bus, Duration::from_millis(100))?;
+    {
+        let c = ctl.borrow();
+        let from = |n: NodeId| -> Vec<u32> {
+            c.bad
+                .iter()
+                .filter(|(p, _)| *p == Some(n))
+                .map(|(_, code)| *code)
+                .collect()
+        };
+        let from_node = from(node);
+        let distinct: BTreeSet<u32> = from_node.iter().copied().collect();
+        ensure(from_node.len() == 9 && distinct.len() == 9, || {
+            format!("bad control frames from the node: {from_node:x?}")
+        })?;
+        ensure(from(forked_node).len() == 1 && c.bad.len() == 10, || {
+            format!("bad control frames: {:x?}", c.bad)
+        })?;
+        let gave_up: Vec<&SupervisionEvent> = c
+            .supervision
+            .iter()
+            .filter(|e| matches!(e, SupervisionEvent::ChildGaveUp { from, .. } if *from == forked))
+            .collect();
+        ensure(gave_up.len() == 1 && c.supervision.len() == 1, || {
+            format!("supervision events: {:?}", c.supervision)
+        })?;
+    }
+    // The forged shutdown did not start a drain: the root still sends.
+    ensure(!bus.is_stopping(), || {
+        "a child's shutdown frame was obeyed".into()
+    })?;
+
+    // Told to exit, the node drains: its tally (child → parent) is taken without a word.
+    bus.send(pid, &"exit".to_string())
+        .map_err(|e| e.to_string())?;
+    let (exit, _) = wait_node_gone(&mut bus, &log, pid)?;
+    ensure(exit == ExitStatus::Code(0), || format!("node exit: {exit}"))?;
+    ensure(ctl.borrow().bad.len() == 10, || {
+        format!("bad control frames: {:x?}", ctl.borrow().bad)
+    })?;
+    common::shutdown(bus)
 }

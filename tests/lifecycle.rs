@@ -1,6 +1,6 @@
-//! Real-process tests of the life of a tree: the root killed, descriptor hygiene, fork in a
-//! threaded process, a handle from another thread, and a graceful shutdown of a busy tree
-//! on `SIGTERM`.
+//! Real-process tests of the life of a tree: the root killed, descriptor hygiene (a child
+//! holds its links, stdio and what it was told to keep), fork in a threaded process, a
+//! handle from another thread, and a graceful shutdown of a busy tree on `SIGTERM`.
 
 mod common;
 
@@ -130,13 +130,12 @@ fn kill_root_driver(d: &mut common::Driver) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------
 // 6. Descriptor hygiene.
 
-/// Checks this process's descriptors: exactly the ones it inherited before any bus
-/// (`baseline`: stdio and whatever the harness left open) plus its bus's, the bus's being
-/// one epoll, one eventfd, one timerfd, one signalfd and sockets for its links, one of them
-/// the parent link.
-fn check_fds(bus: &Bus, baseline: &BTreeSet<RawFd>, children: usize) -> Result<(), String> {
+/// Checks this process's descriptors: exactly `allowed` (stdio as the harness left it, and
+/// what its parent told it to keep) plus its bus's, the bus's being one epoll, one eventfd,
+/// one timerfd, one signalfd and sockets for its links, one of them the parent link.
+fn check_fds(bus: &Bus, allowed: &BTreeSet<RawFd>, children: usize) -> Result<(), String> {
     let d = bus.descriptors();
-    let mut expected: BTreeSet<RawFd> = baseline.clone();
+    let mut expected: BTreeSet<RawFd> = allowed.clone();
     expected.extend(d.all());
     let actual = open_fds();
     let describe = |set: &BTreeSet<RawFd>| -> Vec<String> {
@@ -199,6 +198,42 @@ fn check_fds(bus: &Bus, baseline: &BTreeSet<RawFd>, children: usize) -> Result<(
     ensure(d.user.is_empty(), || "user descriptors".into())
 }
 
+/// What `/proc/self/fd` says of the descriptors the root opened after its bus: a file
+/// nobody keeps, and a pipe whose write end the child "c" keeps (both ends of a pipe read
+/// `pipe:[inode]`). Compared by what they are, not by number: a child's bus may reuse the
+/// number of a descriptor the fork closed.
+#[derive(Clone, Debug)]
+struct Strays {
+    file: String,
+    pipe: String,
+}
+
+/// Checks that of the root's descriptors opened after its bus this process holds only the
+/// kept pipe end (`kept`, under the root's number), and that the kept end works.
+fn check_strays(strays: &Strays, kept: Option<&std::os::fd::OwnedFd>) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let held: Vec<(RawFd, String)> = open_fds()
+        .into_iter()
+        .filter_map(|fd| describe_fd(fd).map(|d| (fd, d)))
+        .filter(|(_, d)| *d == strays.file || *d == strays.pipe)
+        .collect();
+    let want: Vec<(RawFd, String)> = kept
+        .map(|fd| (fd.as_raw_fd(), strays.pipe.clone()))
+        .into_iter()
+        .collect();
+    ensure(held == want, || {
+        format!(
+            "pid {}: holds {held:?} of the root's later descriptors, expected {want:?}",
+            std::process::id()
+        )
+    })?;
+    if let Some(fd) = kept {
+        let n = nix::unistd::write(fd, b"kept").map_err(|e| format!("write kept: {e}"))?;
+        ensure(n == 4, || format!("wrote {n} bytes to the kept pipe"))?;
+    }
+    Ok(())
+}
+
 fn verdict(bus: &mut Bus, root: u32, result: Result<(), String>) {
     let (ok, detail) = match result {
         Ok(()) => (true, String::new()),
@@ -208,20 +243,38 @@ fn verdict(bus: &mut Bus, root: u32, result: Result<(), String>) {
 }
 
 fn hygiene() -> Result<(), String> {
-    let baseline = open_fds();
+    use std::os::fd::AsRawFd;
+    // Stdio is all a child may hold of what this process had before its bus (the harness's
+    // report pipe, say).
+    let stdio: BTreeSet<RawFd> = open_fds().into_iter().filter(|fd| *fd <= 2).collect();
     let (mut bus, heard) = root_with_ear()?;
     let root = bus.pid().as_raw();
-    // A child with two children of its own.
-    let base = baseline.clone();
-    bus.fork(ForkOptions::named("c"), move |bus| {
+    // Opened after the bus: a file no child keeps, and a pipe whose write end "c" keeps.
+    let path = std::env::temp_dir().join(format!("forkbus-hygiene-{root}"));
+    let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&path);
+    let (back_rd, back_wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| e.to_string())?;
+    let strays = Strays {
+        file: describe_fd(file.as_raw_fd()).ok_or("no description of the file")?,
+        pipe: describe_fd(back_rd.as_raw_fd()).ok_or("no description of the pipe")?,
+    };
+    // A child with two children of its own; it keeps the pipe's write end (moved into its
+    // closure: the parent's copy closes when `fork` returns), its children do not.
+    let (st, stdio2) = (strays.clone(), stdio.clone());
+    let options = ForkOptions::named("c").keep_fd(back_wr.as_raw_fd());
+    bus.fork(options, move |bus| {
         for k in ["c1", "c2"] {
-            let base = base.clone();
+            let (st, stdio) = (st.clone(), stdio2.clone());
             let _ = bus.fork(ForkOptions::named(k), move |bus| {
-                let r = check_fds(bus, &base, 0);
+                let r = check_fds(bus, &stdio, 0).and_then(|()| check_strays(&st, None));
                 verdict(bus, root, r);
             });
         }
-        let r = check_fds(bus, &base, 2);
+        let mut allowed = stdio2.clone();
+        allowed.insert(back_wr.as_raw_fd());
+        let r = check_fds(bus, &allowed, 2).and_then(|()| check_strays(&st, Some(&back_wr)));
         verdict(bus, root, r);
     })
     .map_err(|e| e.to_string())?;
@@ -229,14 +282,26 @@ fn hygiene() -> Result<(), String> {
     run_until(&mut bus, Duration::from_secs(20), move |_| {
         h.borrow().verdicts.len() == 3
     })?;
+    {
+        let h = heard.borrow();
+        let bad: Vec<_> = h.verdicts.iter().filter(|v| !v.1).collect();
+        ensure(bad.is_empty(), || format!("failed checks: {bad:?}"))?;
+    }
+    // "c" wrote to the kept end before its verdict.
+    let mut buf = [0u8; 16];
+    let n = nix::unistd::read(&back_rd, &mut buf).map_err(|e| format!("read kept pipe: {e}"))?;
+    ensure(&buf[..n] == b"kept", || {
+        format!("the kept pipe carried {:?}", &buf[..n])
+    })?;
     // 200 children, 25 alive at a time, each checking that it holds none of its siblings'
-    // links; then the root's descriptors are what they were.
+    // links nor the root's later descriptors; then the root's descriptors are what they
+    // were.
     let before = open_fds();
     for batch in 0..8 {
         for _ in 0..25 {
-            let base = baseline.clone();
+            let (st, stdio) = (strays.clone(), stdio.clone());
             bus.fork(ForkOptions::default(), move |bus| {
-                let r = check_fds(bus, &base, 0);
+                let r = check_fds(bus, &stdio, 0).and_then(|()| check_strays(&st, None));
                 verdict(bus, root, r);
                 bus.stop();
             })
@@ -263,6 +328,7 @@ fn hygiene() -> Result<(), String> {
             format!("child exits {:?}", h.exits)
         })?;
     }
+    drop((file, back_rd));
     common::shutdown(bus)
 }
 

@@ -434,10 +434,12 @@ fn supervise_crasher(bus: &mut Bus) -> Result<Report, String> {
     let sup = Supervisor::new(bus);
     let spec = ChildSpec::named("crasher")
         .backoff(fast_backoff())
-        .intensity(3, Duration::from_secs(20));
+        .intensity(3, Duration::from_secs(20))
+        .keep_fd(wfd);
     let child = sup
         .spawn(bus, spec, move |_bus| {
-            // SAFETY: the descriptor is the pipe's write end, open in this forked process.
+            // SAFETY: the descriptor is the pipe's write end, kept open in this forked
+            // process by the spec.
             let fd = unsafe { BorrowedFd::borrow_raw(wfd) };
             let _ = nix::unistd::write(fd, b"x");
             // Crash before being ready.
@@ -917,12 +919,14 @@ fn task_pool() -> Result<(), String> {
     let (rd, wr) = nix::unistd::pipe().map_err(|e| e.to_string())?;
     let wfd: RawFd = std::os::fd::AsRawFd::as_raw_fd(&wr);
     let rd = Rc::new(rd);
-    let config = PoolConfig::new(4).named("tasks");
+    let config = PoolConfig::new(4)
+        .named("tasks")
+        .worker(ChildSpec::new().keep_fd(wfd));
     let pool = TaskPool::start(&mut bus, config, move |bus, n: u64| {
         // Each job takes a little time, so that workers hold some when one is killed.
         std::thread::sleep(Duration::from_micros(100));
         if n == STALL_A || n == STALL_B {
-            // SAFETY: the pipe's write end, inherited by this forked worker and open.
+            // SAFETY: the pipe's write end, kept open in this forked worker by its spec.
             let fd = unsafe { BorrowedFd::borrow_raw(wfd) };
             let _ = nix::unistd::write(fd, &bus.pid().as_raw().to_le_bytes());
             std::thread::sleep(Duration::from_secs(1));

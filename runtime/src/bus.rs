@@ -26,7 +26,7 @@ use crate::drain::{Action, Drain, NodeState};
 use crate::error::{BusError, ForkError, NameError, SendError};
 use crate::handle::{BusHandle, Outgoing, Request};
 use crate::listener::{panic_message, Listener, ListenerId, ListenerSet, PeerShutdown, Relation};
-use crate::message::{encode, Message};
+use crate::message::{encode_capped, Message};
 use crate::reactor::{
     FdCallback, FdId, FdReady, Interest, LinkSource, Reactor, Ready, Source, UserSource,
 };
@@ -100,6 +100,12 @@ pub struct ForkOptions {
     /// Kill the child (`SIGKILL`) when this process dies (`PR_SET_PDEATHSIG`). On by
     /// default.
     pub die_with_parent: bool,
+    /// Descriptors the child keeps open besides 0, 1, 2 and its parent link: every other
+    /// descriptor of this process is closed in the child right after `fork` (as Python's
+    /// `subprocess` does with `close_fds=True`). Numbers that are not open are ignored; a
+    /// descriptor this bus owns (a link, one registered with [`Bus::add_fd`]) is closed
+    /// all the same, so keep a duplicate of it instead. See [`keep_fd`](Self::keep_fd).
+    pub keep_fds: Vec<RawFd>,
 }
 
 impl Default for ForkOptions {
@@ -107,6 +113,7 @@ impl Default for ForkOptions {
         Self {
             name: None,
             die_with_parent: true,
+            keep_fds: Vec::new(),
         }
     }
 }
@@ -124,6 +131,15 @@ impl ForkOptions {
     #[must_use]
     pub fn die_with_parent(mut self, yes: bool) -> Self {
         self.die_with_parent = yes;
+        self
+    }
+
+    /// Keeps a descriptor open in the child (a listening socket shared with workers, a
+    /// pipe to report on, a log file); see [`keep_fds`](Self::keep_fds). The child has it
+    /// under the same number.
+    #[must_use]
+    pub fn keep_fd(mut self, fd: impl AsRawFd) -> Self {
+        self.keep_fds.push(fd.as_raw_fd());
         self
     }
 }
@@ -490,13 +506,18 @@ impl Bus {
     }
 
     /// Sends a value with options (a delivery receipt, a routing trace, a hop limit).
+    ///
+    /// A value whose encoding passes the frame limit (`BusConfig::router.max_frame`) is
+    /// refused as soon as it does, before it is encoded whole
+    /// ([`SendError::Router`] with `PayloadTooLarge`, whose `len` is then a lower bound).
     pub fn send_with<T: Serialize + ?Sized>(
         &mut self,
         to: impl Into<Address>,
         value: &T,
         options: SendOptions,
     ) -> Result<MessageId, SendError> {
-        let payload = encode(value, &mut self.scratch)?;
+        let max_frame = usize::try_from(self.config.router.max_frame).unwrap_or(usize::MAX);
+        let payload = encode_capped(value, &mut self.scratch, max_frame)?;
         self.send_bytes(to, payload, options)
     }
 
@@ -625,8 +646,9 @@ impl Bus {
     /// Registers a descriptor of the application's in the loop (level-triggered: the
     /// callback runs on every iteration while the descriptor is ready, so read it until it
     /// would block, or drop the interest). The bus owns it until [`remove_fd`](Self::remove_fd);
-    /// a forked child closes the parent's registered descriptors (keep a duplicate outside
-    /// the bus to share one, a listening socket say, with children).
+    /// a forked child closes the parent's registered descriptors, like every descriptor it
+    /// was not told to keep: to share one with children (a listening socket, say), keep a
+    /// duplicate outside the bus and name that in [`ForkOptions::keep_fd`].
     pub fn add_fd(
         &mut self,
         fd: OwnedFd,
@@ -712,16 +734,18 @@ impl Bus {
             Relation::Attached => LinkRole::Peer,
         };
         let link = self.router.handle_link_up(now, peer, role);
-        self.register_link(fd, link, peer, relation)
+        self.register_link(fd, link, peer, relation, false)
     }
 
-    /// Registers the descriptor of a link the router has opened.
+    /// Registers the descriptor of a link the router has opened (`forked`: to a child
+    /// this process forked).
     fn register_link(
         &mut self,
         fd: OwnedFd,
         link: LinkId,
         peer: Option<NodeId>,
         relation: Relation,
+        forked: bool,
     ) -> io::Result<LinkId> {
         let now = self.now();
         let span = tracing::debug_span!(
@@ -732,6 +756,7 @@ impl Bus {
             link,
             peer,
             relation,
+            forked,
             writing: false,
             span,
         });
@@ -754,7 +779,7 @@ impl Bus {
     pub(crate) fn adopt_node(&mut self, fd: OwnedFd, pid: Pid, node: NodeId) -> io::Result<()> {
         let now = self.now();
         let link = self.router.handle_link_up(now, Some(node), LinkRole::Child);
-        let link = self.register_link(fd, link, Some(node), Relation::Child(pid))?;
+        let link = self.register_link(fd, link, Some(node), Relation::Child(pid), false)?;
         self.children.insert(pid, Child::new(node, link));
         Ok(())
     }
@@ -774,6 +799,32 @@ impl Bus {
             Relation::Attached => None,
         };
         link.is_some_and(|l| self.router.send_control(l, code, data).is_ok())
+    }
+
+    /// Not part of the API: a test hook. Queues a well-formed link-level control frame of
+    /// the kind named (the drain's `"shutdown"`, `"probe"`, `"exit"`, `"quiet"`, `"tally"`, or a
+    /// supervision frame: `"ping"`, `"pong"`,
+    /// `"ready"`, `"stop"`, `"recycle"`, `"gave-up"`, `"job"`, `"result"`) for a neighbour,
+    /// whether this process may send it or not, so that a test can check that the
+    /// neighbour refuses a frame from the wrong relation. `false` for an unknown kind or
+    /// without an open link.
+    #[doc(hidden)]
+    pub fn send_forged_control(&mut self, to: Relation, kind: &str) -> bool {
+        let frame = match kind {
+            "shutdown" => Some(Control::Drain.encode()),
+            "probe" => Some(Control::Probe(1).encode()),
+            "exit" => Some(Control::Exit.encode()),
+            "quiet" => Some(
+                Control::Quiet {
+                    wave: 1,
+                    still: true,
+                }
+                .encode(),
+            ),
+            "tally" => Some(Control::Tally(Tally::default()).encode()),
+            other => crate::supervisor::forged_frame(other),
+        };
+        frame.is_some_and(|(code, data)| self.send_link_control(to, code, data))
     }
 
     /// Runs `work` at the loop's top level after the current event, where it may call
@@ -797,9 +848,16 @@ impl Bus {
     ///
     /// Refused, with nothing forked, when this process has more than one thread or the bus
     /// is draining. In the child: the parent's links, signalfd, poller and registered
-    /// descriptors are closed; its router, queues, timers, listeners and child table are
-    /// dropped (forgotten: their destructors belong to the parent); with
-    /// [`ForkOptions::die_with_parent`], the child gets `SIGKILL` when this process dies.
+    /// descriptors are closed, and so is every other descriptor but 0, 1, 2, its parent
+    /// link and those named in [`ForkOptions::keep_fds`] (before the child's bus opens its
+    /// own); its router, queues, timers, listeners and child table are dropped (forgotten:
+    /// their destructors belong to the parent); with [`ForkOptions::die_with_parent`], the
+    /// child gets `SIGKILL` when this process dies.
+    ///
+    /// A value the child inherits that owns a descriptor it did not keep (a `File`, a
+    /// socket, an `OwnedFd` moved into `child`) refers to a closed number, which the
+    /// child's bus may reuse: the child must neither use nor drop it (forget it, or
+    /// release it with `into_raw_fd`), or keep its descriptor.
     pub fn fork<F>(&mut self, options: ForkOptions, child: F) -> Result<Pid, ForkError>
     where
         F: FnOnce(&mut Self),
@@ -845,7 +903,7 @@ impl Bus {
                 // router knows the child's name at once.
                 let now = self.now();
                 let link = self.router.handle_fork(now, node, &names);
-                match self.register_link(ours, link, Some(node), Relation::Child(pid)) {
+                match self.register_link(ours, link, Some(node), Relation::Child(pid), true) {
                     Ok(link) => {
                         tracing::debug!(parent: &self.span, child = %node, "forked");
                         self.children.insert(pid, Child::new(node, link));
@@ -894,6 +952,17 @@ impl Bus {
         // Close every descriptor of the parent's bus before opening ours, so no number is
         // closed twice.
         self.reactor.abandon();
+        // Then every other descriptor but stdio, the parent link and what the caller keeps:
+        // the child holds only what it was given. Before the new bus opens its own.
+        let mut keep = options.keep_fds;
+        keep.extend([0, 1, 2, link_fd.as_raw_fd()]);
+        keep.retain(|fd| *fd >= 0);
+        keep.sort_unstable();
+        keep.dedup();
+        if let Err(e) = close_all_but(&keep) {
+            tracing::error!(error = %e, "cannot close the inherited descriptors");
+            exit_now(EXIT_OS_ERROR);
+        }
         let built = forked
             .map_err(io::Error::from)
             .and_then(|(router, link)| Self::build(config, router).map(|bus| (bus, link)));
@@ -907,7 +976,8 @@ impl Bus {
                     node: parent_node,
                     link: None,
                 });
-                match self.register_link(link_fd, link, Some(parent_node), Relation::Parent) {
+                match self.register_link(link_fd, link, Some(parent_node), Relation::Parent, false)
+                {
                     Ok(link) => {
                         self.parent = Some(ParentInfo {
                             node: parent_node,
@@ -1622,17 +1692,21 @@ impl Bus {
         });
     }
 
+    /// A link-level control frame, taken only from the neighbour that may send it
+    /// (the drain's as `Control::from_parent`/`from_child` say, supervision frames as
+    /// `supervisor::on_control` says); anything else is a [`BusError::BadControl`] to the
+    /// listeners and otherwise ignored.
     fn on_control(&mut self, link: LinkId, code: u32, data: &[u8]) {
-        let relation = match self
+        let (relation, forked) = match self
             .links
             .get(&link)
             .and_then(|k| self.reactor.sources.get(*k))
         {
-            Some(Source::Link(l)) => l.relation,
+            Some(Source::Link(l)) => (l.relation, l.forked),
             _ => return,
         };
         if crate::supervisor::is_control(code)
-            && crate::supervisor::on_control(self, relation, code, data)
+            && crate::supervisor::on_control(self, relation, forked, code, data)
         {
             return;
         }
@@ -1663,13 +1737,16 @@ impl Bus {
                 self.subtree += t;
                 self.tallied.insert(pid);
             }
-            _ => self.emit_error(
-                &BusError::BadControl {
-                    peer: self.peer_of(link),
-                    code,
-                },
-                None,
-            ),
+            _ => {
+                tracing::warn!(%link, code, ?relation, forked, "control frame refused");
+                self.emit_error(
+                    &BusError::BadControl {
+                        peer: self.peer_of(link),
+                        code,
+                    },
+                    None,
+                );
+            }
         }
     }
 
@@ -1782,6 +1859,44 @@ impl Drop for Bus {
         }
         let _ = BUS_PID.compare_exchange(self.owner, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
+}
+
+/// Closes every descriptor of this process but those in `keep` (sorted, without
+/// duplicates or negative numbers): `close_range` over the gaps, or one by one from
+/// `/proc/self/fd` where `close_range` fails.
+fn close_all_but(keep: &[RawFd]) -> io::Result<()> {
+    let mut gaps = Vec::with_capacity(keep.len() + 1);
+    let mut from: u32 = 0;
+    for &fd in keep {
+        let Ok(fd) = u32::try_from(fd) else {
+            continue;
+        };
+        if fd > from {
+            gaps.push((from, fd - 1));
+        }
+        from = from.max(fd.saturating_add(1));
+    }
+    gaps.push((from, u32::MAX));
+    for (first, last) in gaps {
+        let (first, last, flags): (nix::libc::c_uint, nix::libc::c_uint, nix::libc::c_uint) =
+            (first, last, 0);
+        // SAFETY: close_range only closes descriptor numbers. Their owners in this forked
+        // process are the parent's values: the bus's were abandoned or are forgotten, the
+        // application's must not be used or dropped in the child (see `Bus::fork`).
+        let rc = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, first, last, flags) };
+        if rc != 0 {
+            // ENOSYS before Linux 5.9; EPERM under seccomp filters that predate it.
+            for fd in crate::reactor::open_fds()? {
+                if keep.binary_search(&fd).is_err() {
+                    // The directory read above had a descriptor of its own, closed by
+                    // now: its EBADF is ignored with the rest.
+                    let _ = nix::unistd::close(fd);
+                }
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Ends a forked child without unwinding into the caller's code.

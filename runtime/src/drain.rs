@@ -367,7 +367,10 @@ mod tests {
         d.handle_quiet(state(7, &kids, true, 4), kids[0], 3, true);
         assert!(actions(&mut d).is_empty());
         d.handle_quiet(state(7, &kids, true, 4), kids[0], 4, true);
-        assert!(actions(&mut d).is_empty(), "one still wave after a busy one");
+        assert!(
+            actions(&mut d).is_empty(),
+            "one still wave after a busy one"
+        );
         d.tick(state(9, &kids, true, 4));
         assert_eq!(
             actions(&mut d),

@@ -317,7 +317,9 @@ pub enum BusError {
         /// Why it was refused.
         error: SendError,
     },
-    /// A runtime control frame from a neighbour could not be understood.
+    /// A link-level control frame from a neighbour could not be understood, or came from a
+    /// neighbour that may not send it (a supervision frame from a program started with
+    /// `Bus::exec_node`, a shutdown request from a child, ...); it was ignored.
     BadControl {
         /// The neighbour.
         peer: Option<NodeId>,
@@ -358,7 +360,11 @@ impl fmt::Display for BusError {
             }
             Self::HandleSend { to, error } => write!(f, "handle send to {to} refused: {error}"),
             Self::BadControl { peer: p, code } => {
-                write!(f, "malformed control frame {code:#x} from {}", peer(p))
+                write!(
+                    f,
+                    "malformed or unexpected control frame {code:#x} from {}",
+                    peer(p)
+                )
             }
             Self::Poller(e) => write!(f, "poller failure: {e}"),
         }

@@ -51,11 +51,16 @@
 //!
 //! Fork refuses when the process has more than one thread. A child closes every
 //! descriptor of its parent's bus (links, signalfd, poller, registered descriptors) and
-//! holds exactly: its parent link, its own children's links, its poller's descriptors
-//! (epoll, an eventfd, a timerfd) and its signalfd ([`Bus::descriptors`]). Sockets are
-//! non-blocking and close-on-exec from birth. With [`ForkOptions::die_with_parent`] (the
-//! default) a child gets `SIGKILL` when its parent dies, the race with an early death
-//! checked.
+//! every other descriptor it inherited, right after `fork`, except 0, 1, 2 and those the
+//! parent names in [`ForkOptions::keep_fd`] ([`ChildSpec::keep_fd`] for supervised
+//! children): a file, pipe or listening socket the application opened, before or after
+//! [`Bus::root`], reaches a child only when kept. It then holds exactly: its parent link,
+//! its own children's links, its poller's descriptors (epoll, an eventfd, a timerfd), its
+//! signalfd ([`Bus::descriptors`]), stdio and what it was told to keep. Values of the
+//! parent's that own a descriptor not kept must not be used or dropped in the child (see
+//! [`Bus::fork`]). Sockets are non-blocking and close-on-exec from birth. With
+//! [`ForkOptions::die_with_parent`] (the default) a child gets `SIGKILL` when its parent
+//! dies, the race with an early death checked.
 //!
 //! The library starts no thread and installs no `tracing` subscriber; it opens a span per
 //! process (`bus`, with `pid` and `node`) and per link (`link`).

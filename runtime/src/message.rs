@@ -1,6 +1,7 @@
 //! Received messages and the CBOR payload codec.
 
 use std::cell::RefCell;
+use std::io;
 
 use forkbus_router::{Destination, Envelope, Hop, LinkId, MessageId, NodeId};
 use serde::de::DeserializeOwned;
@@ -109,15 +110,78 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
     scratch: &mut Vec<u8>,
 ) -> Result<Vec<u8>, SendError> {
+    encode_capped(value, scratch, usize::MAX)
+}
+
+/// Bytes of a frame's length prefix, which the router counts in a refusal's sizes.
+const LEN_PREFIX: usize = 4;
+
+/// [`encode`] for a payload that must fit in a frame of at most `max_frame` bytes: the
+/// encoding stops as soon as it passes `max_frame` bytes (the frame holds the payload and
+/// more, so such a payload can never fit), and `scratch` never grows beyond that, so a huge
+/// value is refused before it costs its size again. The refusal is the router's own
+/// [`PayloadTooLarge`](forkbus_router::Error::PayloadTooLarge), with its sizes counted as
+/// the router counts them (with the length prefix); `len` is then a lower bound of what
+/// the frame would need. A payload within the bound may still be refused by the router,
+/// which knows the exact envelope.
+pub(crate) fn encode_capped<T: Serialize + ?Sized>(
+    value: &T,
+    scratch: &mut Vec<u8>,
+    max_frame: usize,
+) -> Result<Vec<u8>, SendError> {
     scratch.clear();
-    ciborium::ser::into_writer(value, &mut *scratch)
-        .map_err(|e| SendError::Encode(e.to_string()))?;
+    let mut writer = Capped {
+        buf: &mut *scratch,
+        cap: max_frame,
+        refused: None,
+    };
+    let encoded = ciborium::ser::into_writer(value, &mut writer);
+    if let Some(attempted) = writer.refused {
+        return Err(SendError::Router(forkbus_router::Error::PayloadTooLarge {
+            len: attempted.saturating_add(LEN_PREFIX),
+            max: max_frame.saturating_add(LEN_PREFIX),
+        }));
+    }
+    encoded.map_err(|e| SendError::Encode(e.to_string()))?;
     let out = scratch.as_slice().to_vec();
     if scratch.capacity() > 1 << 20 {
         // Do not keep a huge buffer around for one huge message.
         *scratch = Vec::new();
     }
     Ok(out)
+}
+
+/// A writer into a buffer that refuses a write which would make it hold more than `cap`
+/// bytes (the encoder stops at the first error) and grows the buffer at most to `cap`.
+struct Capped<'a> {
+    buf: &'a mut Vec<u8>,
+    cap: usize,
+    /// The length the refused write would have made.
+    refused: Option<usize>,
+}
+
+impl io::Write for Capped<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let len = self.buf.len().saturating_add(data.len());
+        if len > self.cap {
+            self.refused = Some(len);
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                "payload over the frame limit",
+            ));
+        }
+        if len > self.buf.capacity() {
+            // Doubling, as a `Vec` grows, but never past the cap.
+            let target = len.max(self.buf.capacity().saturating_mul(2)).min(self.cap);
+            self.buf.reserve_exact(target - self.buf.len());
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 thread_local! {
@@ -172,6 +236,88 @@ mod tests {
         let err = decode::<Ping>(&bytes).expect_err("not a Ping");
         assert!(matches!(err, DecodeError::Mismatch { .. }), "{err:?}");
         assert!(err.to_string().contains("Ping"), "{err}");
+    }
+
+    /// A sequence of `n` five-byte integers that counts the elements the encoder asked for.
+    struct Counted<'a> {
+        n: u32,
+        taken: &'a std::cell::Cell<u32>,
+    }
+
+    impl Serialize for Counted<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeSeq;
+            let mut seq = s.serialize_seq(Some(self.n as usize))?;
+            for i in 0..self.n {
+                self.taken.set(self.taken.get() + 1);
+                seq.serialize_element(&(0x1000_0000 | i))?;
+            }
+            seq.end()
+        }
+    }
+
+    fn too_large(r: &Result<Vec<u8>, SendError>) -> Option<(usize, usize)> {
+        match r {
+            Err(SendError::Router(forkbus_router::Error::PayloadTooLarge { len, max })) => {
+                Some((*len, *max))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_value_over_the_cap_is_refused_before_it_is_encoded_whole() {
+        // Not a power of two: a buffer grown by plain doubling would pass it.
+        const CAP: usize = 60_000;
+        // 5 MB of CBOR, written element by element: the encoder stops at the cap.
+        let taken = std::cell::Cell::new(0);
+        let mut scratch = Vec::new();
+        let r = encode_capped(
+            &Counted {
+                n: 1 << 20,
+                taken: &taken,
+            },
+            &mut scratch,
+            CAP,
+        );
+        let (len, max) = too_large(&r).unwrap_or_else(|| panic!("not refused: {r:?}"));
+        assert_eq!(max, CAP + 4);
+        assert!(len > max, "{len} > {max}");
+        assert!(scratch.capacity() <= CAP + 16, "{}", scratch.capacity());
+        assert!(
+            (taken.get() as usize) <= CAP / 5 + 2,
+            "encoded {} elements",
+            taken.get()
+        );
+        // One big string, written in one piece: refused without being copied at all.
+        let mut scratch = Vec::new();
+        let big = "x".repeat(16 << 20);
+        let r = encode_capped(big.as_str(), &mut scratch, CAP);
+        assert!(too_large(&r).is_some(), "{r:?}");
+        assert!(scratch.capacity() <= CAP + 16, "{}", scratch.capacity());
+    }
+
+    #[test]
+    fn a_value_up_to_the_cap_round_trips() {
+        const CAP: usize = 60_000;
+        let mut scratch = Vec::new();
+        // A text of n < 65536 bytes encodes as 3 + n bytes: exactly the cap here.
+        let text = "y".repeat(CAP - 3);
+        let bytes = encode_capped(text.as_str(), &mut scratch, CAP).expect("fits");
+        assert_eq!(bytes.len(), CAP);
+        assert_eq!(decode::<String>(&bytes).expect("decodes"), text);
+        assert!(scratch.capacity() <= CAP + 16, "{}", scratch.capacity());
+        // One byte more does not fit.
+        let text = "y".repeat(CAP - 2);
+        let r = encode_capped(text.as_str(), &mut scratch, CAP);
+        assert_eq!(too_large(&r), Some((CAP + 1 + 4, CAP + 4)));
+        // The same buffer serves a small value afterwards.
+        let ping = Ping {
+            n: 1,
+            text: "small".into(),
+        };
+        let bytes = encode_capped(&ping, &mut scratch, CAP).expect("fits");
+        assert_eq!(decode::<Ping>(&bytes).expect("decodes"), ping);
     }
 
     #[test]

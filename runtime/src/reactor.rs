@@ -102,6 +102,10 @@ pub(crate) struct LinkSource {
     pub(crate) link: LinkId,
     pub(crate) peer: Option<NodeId>,
     pub(crate) relation: Relation,
+    /// The peer is a child this process forked (not a program started with
+    /// `Bus::exec_node`). Kept here rather than in the child table: the frames a child
+    /// wrote before it died are read when it is reaped, after it left the table.
+    pub(crate) forked: bool,
     /// Write interest is registered.
     pub(crate) writing: bool,
     pub(crate) span: tracing::Span,

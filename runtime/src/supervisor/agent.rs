@@ -137,8 +137,12 @@ fn handled_one(bus: &mut Bus) {
     }
 }
 
-/// A frame from the parent.
+/// A frame from the parent; `false` when this process is not a supervised worker (or for
+/// a frame a parent does not send).
 pub(crate) fn on_frame(bus: &mut Bus, frame: Frame) -> bool {
+    if bus.supervision.agent.is_none() {
+        return false;
+    }
     match frame {
         // The loop is running: that is the answer.
         Frame::Ping(seq) => send(bus, &Frame::Pong(seq)),

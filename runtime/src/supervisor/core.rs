@@ -20,6 +20,7 @@
 //! process has no heartbeat, a `Killed` one no deadline.
 
 use std::collections::VecDeque;
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkbus_router::Timestamp;
@@ -37,6 +38,7 @@ pub(crate) struct ForkOrder {
     pub(crate) child: ChildId,
     pub(crate) name: Option<String>,
     pub(crate) die_with_parent: bool,
+    pub(crate) keep_fds: Vec<RawFd>,
     pub(crate) generation: u32,
     pub(crate) reason: StartReason,
     pub(crate) limit: Option<u64>,
@@ -770,6 +772,7 @@ impl Core {
             child,
             name: s.spec.name.clone(),
             die_with_parent: s.spec.die_with_parent,
+            keep_fds: s.spec.keep_fds.clone(),
             generation: s.generations,
             reason,
             limit,

@@ -420,6 +420,7 @@ impl Effects for Shell<'_> {
         let options = ForkOptions {
             name: order.name.clone(),
             die_with_parent: order.die_with_parent,
+            keep_fds: order.keep_fds.clone(),
         };
         self.bus
             .fork(options, move |bus| {
@@ -643,9 +644,30 @@ pub(crate) fn is_control(code: u32) -> bool {
     proto::is_supervision(code)
 }
 
-/// A supervision control frame from a neighbour. `false`: malformed or out of place (the
-/// bus reports it as a bad control frame).
-pub(crate) fn on_control(bus: &mut Bus, from: Relation, code: u32, data: &[u8]) -> bool {
+/// A supervision control frame from a neighbour (`forked`: a child this process forked,
+/// not a program started with `Bus::exec_node`). `false`: malformed, or from a neighbour
+/// that may not send it ([`proto::accepted`]); the bus reports it as a bad control frame
+/// and nothing else happens.
+pub(crate) fn on_control(
+    bus: &mut Bus,
+    from: Relation,
+    forked: bool,
+    code: u32,
+    data: &[u8],
+) -> bool {
+    let sender = match from {
+        Relation::Parent => proto::Sender::Parent {
+            supervised: bus.supervision.agent.is_some(),
+        },
+        Relation::Child(pid) => proto::Sender::Child {
+            forked,
+            supervised: owner_of(bus, pid).is_some(),
+        },
+        Relation::Attached => proto::Sender::Attached,
+    };
+    if !proto::accepted(code, sender) {
+        return false;
+    }
     let Some(frame) = Frame::decode(code, data) else {
         return false;
     };
@@ -658,6 +680,45 @@ pub(crate) fn on_control(bus: &mut Bus, from: Relation, code: u32, data: &[u8]) 
     handled
 }
 
+/// A well-formed supervision frame of a kind named in a test (`Bus::send_forged_control`).
+pub(crate) fn forged_frame(kind: &str) -> Option<(u32, Vec<u8>)> {
+    let frame = match kind {
+        "ping" => Frame::Ping(1),
+        "pong" => Frame::Pong(1),
+        "ready" => Frame::Ready,
+        "stop" => Frame::Stop {
+            why: StopReason::Requested.code(),
+            deadline: Duration::from_secs(1),
+            quiet: Duration::from_millis(1),
+        },
+        "recycle" => Frame::Recycle(1),
+        "gave-up" => Frame::GaveUp {
+            restarts: 3,
+            name: Some("forged".to_owned()),
+        },
+        "job" => Frame::Job {
+            id: 1,
+            payload: Vec::new(),
+        },
+        "result" => Frame::Result {
+            id: 1,
+            outcome: Ok(Vec::new()),
+        },
+        _ => return None,
+    };
+    Some(frame.encode())
+}
+
+/// The supervisor of this process that owns a process (until it is reaped).
+fn owner_of(bus: &Bus, pid: Pid) -> Option<SupervisorId> {
+    let index = bus
+        .supervision
+        .supervisors
+        .iter()
+        .position(|e| e.as_ref().is_some_and(|e| e.core.owns(pid)))?;
+    Some(SupervisorId(index as u32))
+}
+
 fn on_child_frame(bus: &mut Bus, pid: Pid, frame: Frame) -> bool {
     if let Frame::GaveUp { restarts, name } = frame {
         let event = SupervisionEvent::ChildGaveUp {
@@ -668,16 +729,9 @@ fn on_child_frame(bus: &mut Bus, pid: Pid, frame: Frame) -> bool {
         bus.defer(move |bus| bus.emit("on_supervision", |l, b| l.on_supervision(b, &event)));
         return true;
     }
-    let owner = bus
-        .supervision
-        .supervisors
-        .iter()
-        .position(|e| e.as_ref().is_some_and(|e| e.core.owns(pid)));
-    let Some(index) = owner else {
-        // A late frame of a process reaped already.
-        return true;
+    let Some(id) = owner_of(bus, pid) else {
+        return false;
     };
-    let id = SupervisorId(index as u32);
     let now = crate::clock::monotonic_now();
     match frame {
         Frame::Ready => {

@@ -13,7 +13,12 @@
 //!   RESULT    child → parent     task id u64, ok u8, bytes     (task pool; error text when not ok)
 //! ```
 //!
-//! Frames are decoded strictly: a wrong length is a malformed frame, never a panic.
+//! Frames are decoded strictly: a wrong length is a malformed frame, never a panic. They
+//! are taken only from the neighbour that may send them ([`accepted`]): `PING`, `STOP` and
+//! `JOB` from the parent of a supervised worker; `PONG`, `READY`, `RECYCLE` and `RESULT`
+//! from a child that a supervisor of this process owns; `GAVE_UP` from a child this
+//! process forked (a supervisor of its own gave up), never from a program started with
+//! `Bus::exec_node`. Anything else is reported as a bad control frame and ignored.
 
 use std::time::Duration;
 
@@ -31,6 +36,29 @@ pub(crate) const RESULT: u32 = BASE + 8;
 /// Whether a control code belongs to supervision.
 pub(crate) fn is_supervision(code: u32) -> bool {
     (PING..=RESULT).contains(&code)
+}
+
+/// Who a supervision frame came from, as far as taking it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sender {
+    /// This process's parent; `supervised`: this process is a supervised worker (it has
+    /// an agent).
+    Parent { supervised: bool },
+    /// A child of this process: `forked` by it (not started with `Bus::exec_node`),
+    /// `supervised` (owned by one of its supervisors).
+    Child { forked: bool, supervised: bool },
+    /// An attached link.
+    Attached,
+}
+
+/// Whether a frame with this code may come from `from` (see the module documentation).
+pub(crate) fn accepted(code: u32, from: Sender) -> bool {
+    match (code, from) {
+        (PING | STOP | JOB, Sender::Parent { supervised }) => supervised,
+        (PONG | READY | RECYCLE | RESULT, Sender::Child { supervised, .. }) => supervised,
+        (GAVE_UP, Sender::Child { forked, .. }) => forked,
+        _ => false,
+    }
 }
 
 /// A decoded supervision frame.
@@ -227,6 +255,70 @@ mod tests {
             let (code, data) = f.encode();
             assert!(is_supervision(code));
             assert_eq!(Frame::decode(code, &data), Some(f));
+        }
+    }
+
+    #[test]
+    fn frames_are_taken_only_from_who_may_send_them() {
+        let senders = [
+            Sender::Parent { supervised: true },
+            Sender::Parent { supervised: false },
+            Sender::Child {
+                forked: true,
+                supervised: true,
+            },
+            Sender::Child {
+                forked: true,
+                supervised: false,
+            },
+            Sender::Child {
+                forked: false,
+                supervised: false,
+            },
+            Sender::Child {
+                forked: false,
+                supervised: true,
+            },
+            Sender::Attached,
+        ];
+        let from_supervisor = |s: Sender| s == Sender::Parent { supervised: true };
+        let from_worker = |s: Sender| {
+            matches!(
+                s,
+                Sender::Child {
+                    supervised: true,
+                    ..
+                }
+            )
+        };
+        let from_forked = |s: Sender| matches!(s, Sender::Child { forked: true, .. });
+        let rules: [(u32, &dyn Fn(Sender) -> bool); 8] = [
+            (PING, &from_supervisor),
+            (STOP, &from_supervisor),
+            (JOB, &from_supervisor),
+            (PONG, &from_worker),
+            (READY, &from_worker),
+            (RECYCLE, &from_worker),
+            (RESULT, &from_worker),
+            (GAVE_UP, &from_forked),
+        ];
+        for (code, may) in rules {
+            for s in senders {
+                assert_eq!(accepted(code, s), may(s), "{code:#x} from {s:?}");
+            }
+        }
+        // An exec'd node no supervisor owns can send no supervision frame at all; nor can
+        // an attached peer.
+        for code in [PING, PONG, READY, STOP, RECYCLE, GAVE_UP, JOB, RESULT] {
+            let exec = Sender::Child {
+                forked: false,
+                supervised: false,
+            };
+            assert!(!accepted(code, exec), "{code:#x}");
+            assert!(!accepted(code, Sender::Attached), "{code:#x}");
+        }
+        for s in senders {
+            assert!(!accepted(BASE, s) && !accepted(BASE + 99, s), "{s:?}");
         }
     }
 

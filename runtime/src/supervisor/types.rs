@@ -1,6 +1,7 @@
 //! The vocabulary of supervision: specs, reasons, events and outcomes (plain data).
 
 use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use super::policy::{Backoff, Intensity, MaxRequests};
@@ -115,6 +116,9 @@ pub struct ChildSpec {
     pub while_down: WhileDown,
     /// Each process dies with the supervisor's (`PR_SET_PDEATHSIG`).
     pub die_with_parent: bool,
+    /// Descriptors every process of the child keeps open besides 0, 1, 2 and its link to
+    /// the supervisor; it has no other ([`ForkOptions::keep_fds`](crate::ForkOptions::keep_fds)).
+    pub keep_fds: Vec<RawFd>,
 }
 
 impl Default for ChildSpec {
@@ -131,6 +135,7 @@ impl Default for ChildSpec {
             max_requests: None,
             while_down: WhileDown::Lose,
             die_with_parent: true,
+            keep_fds: Vec::new(),
         }
     }
 }
@@ -216,6 +221,15 @@ impl ChildSpec {
     #[must_use]
     pub fn die_with_parent(mut self, yes: bool) -> Self {
         self.die_with_parent = yes;
+        self
+    }
+
+    /// Keeps a descriptor open in every process of the child (a listening socket the
+    /// workers accept from, say); see [`keep_fds`](Self::keep_fds). It must stay open in
+    /// the supervisor's process for as long as processes of the child may start.
+    #[must_use]
+    pub fn keep_fd(mut self, fd: impl AsRawFd) -> Self {
+        self.keep_fds.push(fd.as_raw_fd());
         self
     }
 }
