@@ -3,10 +3,11 @@
 //! The router (node `ME`) has four links:
 //!
 //! ```text
-//!   A  peer PEER_A, said hello properly       ┐ one of A, C, D is the target: it gets the
-//!   B  peer PEER_B, said hello, a good peer   │ fuzzer's bytes (raw chunks, and well-formed
-//!   C  peer PEER_C declared, no hello yet     │ envelope / ack / routes frames built from
-//!   D  no peer declared, no hello yet         ┘ fuzzer fields, so the state gets deep)
+//!   A  child PEER_A, said hello properly      ┐ one of A, C, D is the target: it gets the
+//!   B  parent PEER_B, said hello, a good peer │ fuzzer's bytes (raw chunks, and well-formed
+//!   C  child PEER_C declared, no hello yet    │ envelope / notice / ack / routes frames
+//!   D  a peer link, nobody declared, no hello ┘ built from fuzzer fields, so the state gets
+//!                                               deep: announcements, deltas, forged origins)
 //! ```
 //!
 //! Between chunks the fuzzer submits envelopes (so lost lists are not empty), drains the
@@ -16,22 +17,23 @@
 //! Checked: nothing panics; an `Err` from `handle_input` is a protocol error, that link is
 //! gone, every other link is still open, and exactly one `LinkDown` with the same
 //! `DownCause::Protocol` was emitted for it, whose lost list is in link order; no other link
-//! goes down; the application only sees envelopes meant for it; and, once every link is
-//! closed and time has run past every deadline, every envelope sent with a receipt has had
-//! exactly one outcome.
+//! goes down; the application only sees envelopes meant for it, and never one in the name
+//! of a node that does not live behind the link it came on; the table stays within its
+//! bounds; and, once every link is closed and time has run past every deadline, every
+//! envelope sent with a receipt has had exactly one outcome.
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use forkbus_router::wire::{
-    decode_frame, encode_envelope, encode_frame, DecodeLimits, Deframer, Frame, Hello, NodeInfo,
-    Notice, RouteUpdate, WIRE_VERSION,
+    decode_frame, encode_envelope, encode_frame, DecodeLimits, Deframer, Frame, Hello, NodeDelta,
+    NodeInfo, Notice, NoticeKind, RouteUpdate, WIRE_VERSION,
 };
 use forkbus_router::{
-    Address, Destination, DownCause, Envelope, Error, Event, Flags, Hop, LinkDown, LinkId,
-    LossReason, MessageId, NoRoutePolicy, NodeId, ProtocolError, Router, RouterConfig, SendOptions,
-    Timestamp, WriteState,
+    Address, Destination, DownCause, Envelope, Error, Event, Fate, Flags, Hop, LinkDown, LinkId,
+    LinkRole, LossReason, MessageId, NoRoutePolicy, NodeId, ProtocolError, Router, RouterConfig,
+    SendOptions, Timestamp, UnknownReason,
 };
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
@@ -79,6 +81,7 @@ enum Dst {
     Node(Who),
     Pid(u8),
     Name(u8),
+    NameAt(u8, Who),
     Group(u8),
     Broadcast,
 }
@@ -89,6 +92,10 @@ impl Dst {
             Self::Node(w) => Destination::Node(w.node()),
             Self::Pid(p) => Destination::Node(NodeId::new(0, u32::from(p % 16), 1)),
             Self::Name(i) => Destination::Name(NAMES[usize::from(i) % NAMES.len()].into()),
+            Self::NameAt(i, w) => Destination::NameAt {
+                name: NAMES[usize::from(i) % NAMES.len()].into(),
+                node: w.node(),
+            },
             Self::Group(i) => Destination::Group(NAMES[usize::from(i) % NAMES.len()].into()),
             Self::Broadcast => Destination::Broadcast,
         }
@@ -125,9 +132,19 @@ enum Op {
         hop_limit: u8,
         flags: u8,
         payload: Vec<u8>,
-        /// A loss or delivery notice as payload instead (for system envelopes).
-        notice: Option<(bool, u64, u8)>,
         n_trace: u8,
+    },
+    /// A well-formed notice frame to the target link.
+    Notice {
+        link_seq: SeqChoice,
+        origin: Who,
+        seq: u64,
+        from: Who,
+        hops: u8,
+        /// 0: delivered, 1..=10: a fate code + 1, else moved to `to`.
+        kind: u8,
+        receipt: bool,
+        to: Who,
     },
     /// An acknowledgement frame to the target link: `back` below what was sent, or raw.
     Ack { back: u8, raw: Option<u64> },
@@ -135,6 +152,7 @@ enum Op {
     Routes {
         upsert: Vec<(Who, u8, u8)>,
         remove: Vec<Who>,
+        change: Vec<(Who, u8, u8, u8)>,
     },
     /// The hello the target's peer would send (a second one on A is a violation).
     Hello(Who),
@@ -163,12 +181,16 @@ struct Input {
 const LIMITS: DecodeLimits = DecodeLimits {
     max_frame: 2048,
     max_name: 16,
+    max_names_per_node: 3,
 };
 
 fn config(flood: Option<u8>) -> RouterConfig {
     let mut c = RouterConfig::default();
     c.max_frame = LIMITS.max_frame;
     c.max_name = LIMITS.max_name;
+    c.max_names_per_node = LIMITS.max_names_per_node;
+    c.max_names = 12;
+    c.max_groups = 12;
     c.max_queue_envelopes = 8;
     c.max_queue_bytes = 4096;
     c.max_nodes = 8;
@@ -254,15 +276,30 @@ impl Harness {
             Event::LinkDown(down) => self.check_link_down(down),
             Event::Message { envelope, link } => {
                 assert!(
-                    !envelope.flags.contains(Flags::SYSTEM),
-                    "system envelope shown to the application: {envelope:?}"
+                    !envelope.flags.contains(Flags::HANDED),
+                    "a hand-over accepted from a link that is not the parent: {envelope:?}"
                 );
                 let mine = match &envelope.destination {
                     Destination::Node(n) => *n == ME,
+                    Destination::NameAt { node, .. } => *node == ME,
                     Destination::Name(s) => s == MY_NAME,
                     Destination::Group(g) => g == MY_GROUP,
                     Destination::Broadcast => true,
                 };
+                if link.is_some() {
+                    // Never in the name of this node or of a node that lives behind another
+                    // link (the target speaks for its own subtree only).
+                    let origin = envelope.id.origin;
+                    let elsewhere = self
+                        .router
+                        .routes()
+                        .iter()
+                        .any(|(n, l)| *n == origin && *l != self.target);
+                    assert!(
+                        origin != ME && !elsewhere,
+                        "delivered in the name of {origin}, which lives elsewhere"
+                    );
+                }
                 assert!(
                     mine,
                     "delivered an envelope not meant for this node: {ev:?}"
@@ -310,20 +347,19 @@ impl Harness {
         }
         // The lost list is in link order: written whole, at most one written in part, then
         // never written.
-        let rank = |s: WriteState| match s {
-            WriteState::Unacknowledged => 2,
-            WriteState::PartiallyWritten => 1,
-            WriteState::NeverWritten => 0,
+        let rank = |f: Fate| match f {
+            Fate::Unknown(UnknownReason::Unacknowledged) => 2,
+            Fate::Lost(LossReason::PartiallyWritten) => 1,
+            Fate::Lost(LossReason::NeverWritten) => 0,
+            other => panic!("lost list holds a non-link loss: {other:?}"),
         };
         let mut last = 2;
         let mut partial = 0;
         for lost in &down.lost {
-            let LossReason::PeerDown(state) = lost.reason else {
-                panic!("lost list holds a non-link loss: {:?}", lost.reason);
-            };
-            assert!(rank(state) <= last, "lost list out of link order");
-            last = rank(state);
-            partial += usize::from(state == WriteState::PartiallyWritten);
+            let r = rank(lost.fate);
+            assert!(r <= last, "lost list out of link order");
+            last = r;
+            partial += usize::from(r == 1);
         }
         assert!(partial <= 1, "{partial} frames written in part");
     }
@@ -335,16 +371,19 @@ impl Harness {
         let forged = &mut self.known_forged;
         // After an error the router closes the link, so the mirror is never needed again.
         let _ = self.mirror.feed(bytes, |kind, body| {
-            if let Frame::Envelope { envelope, .. } = decode_frame(kind, body, LIMITS)? {
-                if envelope.flags.contains(Flags::SYSTEM) {
-                    if let Ok(Notice::Lost {
+            if let Frame::Notice {
+                notice:
+                    Notice {
+                        origin,
                         seq,
-                        receipt: false,
+                        kind: NoticeKind::Lost { receipt: false, .. },
                         ..
-                    }) = Notice::decode(&envelope.payload)
-                    {
-                        forged.insert(MessageId { origin: ME, seq });
-                    }
+                    },
+                ..
+            } = decode_frame(kind, body, LIMITS)?
+            {
+                if origin == ME {
+                    forged.insert(MessageId { origin: ME, seq });
                 }
             }
             Ok::<_, ProtocolError>(())
@@ -362,6 +401,9 @@ impl Harness {
         for l in &self.others {
             assert!(open.contains(l), "link {l} closed by bytes on another link");
         }
+        let config = self.router.config();
+        assert!(self.router.routes().len() <= config.max_nodes, "table past its bound");
+        assert!(self.router.seen_origins() <= config.max_origins);
         match result {
             Ok(()) => {
                 if !open.contains(&self.target) {
@@ -396,7 +438,6 @@ impl Harness {
                 hop_limit,
                 flags,
                 payload,
-                notice,
                 n_trace,
             } => {
                 let Ok(stats) = self.router.link_stats(self.target) else {
@@ -410,16 +451,7 @@ impl Harness {
                     SeqChoice::Raw(n) => n,
                 };
                 let flags = Flags::from_bits(flags & 0b111).unwrap_or_default();
-                let payload = match notice {
-                    Some((true, seq, _)) => Notice::Delivered { seq: *seq }.encode(),
-                    Some((false, seq, reason)) => Notice::Lost {
-                        seq: *seq,
-                        reason: u64::from(reason % 10),
-                        receipt: reason & 0x80 != 0,
-                    }
-                    .encode(),
-                    None => payload.clone(),
-                };
+                let payload = payload.clone();
                 let trace = if flags.contains(Flags::TRACE) {
                     let n = (*n_trace).min(hops.saturating_add(1));
                     (0..n)
@@ -448,6 +480,49 @@ impl Harness {
                 encode_envelope(&mut buf, link_seq, &env);
                 self.feed(&buf);
             }
+            Op::Notice {
+                link_seq,
+                origin,
+                seq,
+                from,
+                hops,
+                kind,
+                receipt,
+                to,
+            } => {
+                let Ok(stats) = self.router.link_stats(self.target) else {
+                    return;
+                };
+                let expected = stats.frames_received;
+                let link_seq = match *link_seq {
+                    SeqChoice::Next => expected,
+                    SeqChoice::Back(n) => expected.saturating_sub(u64::from(n)),
+                    SeqChoice::Ahead(n) => expected.saturating_add(u64::from(n)),
+                    SeqChoice::Raw(n) => n,
+                };
+                let kind = match *kind {
+                    0 => NoticeKind::Delivered,
+                    k @ 1..=10 => match Fate::from_code(u64::from(k - 1)) {
+                        Some(fate) => NoticeKind::Lost {
+                            fate,
+                            receipt: *receipt,
+                        },
+                        None => NoticeKind::Delivered,
+                    },
+                    _ => NoticeKind::Moved(to.node()),
+                };
+                let frame = Frame::Notice {
+                    link_seq,
+                    notice: Notice {
+                        origin: origin.node(),
+                        seq: *seq,
+                        from: from.node(),
+                        hops: *hops,
+                        kind,
+                    },
+                };
+                self.feed(&frame_bytes(&frame));
+            }
             Op::Ack { back, raw } => {
                 let Ok(stats) = self.router.link_stats(self.target) else {
                     return;
@@ -455,7 +530,11 @@ impl Harness {
                 let n = raw.unwrap_or(stats.frames_sent.saturating_sub(u64::from(*back)));
                 self.feed(&frame_bytes(&Frame::Ack(n)));
             }
-            Op::Routes { upsert, remove } => {
+            Op::Routes {
+                upsert,
+                remove,
+                change,
+            } => {
                 let name = |i: u8| NAMES[usize::from(i) % NAMES.len()].to_owned();
                 let update = RouteUpdate {
                     upsert: upsert
@@ -468,6 +547,17 @@ impl Harness {
                         })
                         .collect(),
                     remove: remove.iter().map(|w| w.node()).collect(),
+                    change: change
+                        .iter()
+                        .map(|(who, version, add, drop)| NodeDelta {
+                            node: who.node(),
+                            version: u64::from(*version),
+                            add_names: (0..add % 4).map(|i| name(add / 4 + i)).collect(),
+                            remove_names: (0..drop % 3).map(|i| name(drop / 4 + i)).collect(),
+                            join_groups: (0..add % 2).map(|i| name(drop + i)).collect(),
+                            leave_groups: (0..drop % 2).map(|i| name(add + i)).collect(),
+                        })
+                        .collect(),
                 };
                 self.feed(&frame_bytes(&Frame::Routes(update)));
             }
@@ -539,6 +629,7 @@ impl Harness {
         }
         assert_eq!(self.router.pending_receipts(), 0);
         assert!(self.router.is_idle(), "router with no links is not idle");
+        assert!(self.router.routes().is_empty(), "routes left after every link closed");
     }
 }
 
@@ -549,10 +640,10 @@ fuzz_target!(|input: Input| {
     router.register_name(MY_NAME).expect("valid name");
     router.join_group(MY_GROUP).expect("valid group");
     let t0 = Timestamp::from_nanos(1_000_000_000);
-    let a = router.handle_link_up(t0, Some(PEER_A));
-    let b = router.handle_link_up(t0, Some(PEER_B));
-    let c = router.handle_link_up(t0, Some(PEER_C));
-    let d = router.handle_link_up(t0, None);
+    let a = router.handle_link_up(t0, Some(PEER_A), LinkRole::Child);
+    let b = router.handle_link_up(t0, Some(PEER_B), LinkRole::Parent);
+    let c = router.handle_link_up(t0, Some(PEER_C), LinkRole::Child);
+    let d = router.handle_link_up(t0, None, LinkRole::Peer);
     for (link, peer) in [(a, PEER_A), (b, PEER_B)] {
         let hello = frame_bytes(&Frame::Hello(Hello {
             version: WIRE_VERSION,
