@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::{ensure, open_fds, proc_state, run_until, Harness, Orphans, RootEnd};
 use forkbus::runtime::describe_fd;
 use forkbus::{
-    Address, Bus, BusConfig, ExitStatus, ForkError, ForkOptions, Listener, Message, Pid, Relation,
-    SendError, Stop,
+    Address, Bus, BusConfig, ExitStatus, ForkError, ForkOptions, Listener, Message, NameError, Pid,
+    Relation, SendError, Stop,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid as NixPid;
@@ -733,6 +733,65 @@ fn child_panics() -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Names are unique: a fork or a registration with a name held elsewhere is refused; a
+// grandchild cannot take its uncle's name, and a refused fork forks nothing.
+
+fn unique_names() -> Result<(), String> {
+    let (mut bus, heard) = root_with_ear()?;
+    let root = bus.pid().as_raw();
+    let a = bus
+        .fork(ForkOptions::named("a"), move |bus| {
+            let _ = bus.fork(ForkOptions::named("a1"), move |bus| hello(bus, root, "a1"));
+            hello(bus, root, "a");
+        })
+        .map_err(|e| e.to_string())?;
+    let b = bus
+        .fork(ForkOptions::named("b"), move |bus| {
+            // "a" is the root's other child's: refused here, for a fork and a registration.
+            let forked = bus.fork(ForkOptions::named("a"), |_| {});
+            let registered = bus.register_name("a");
+            let refused = matches!(forked, Err(ForkError::Name(NameError::Taken { .. })))
+                && matches!(registered, Err(NameError::Taken { .. }))
+                && bus.children().is_empty();
+            hello(bus, root, if refused { "b: refused" } else { "b: taken!" });
+        })
+        .map_err(|e| e.to_string())?;
+    let h = heard.clone();
+    run_until(&mut bus, Duration::from_secs(20), move |_| {
+        h.borrow().hellos.len() == 3
+    })?;
+    ensure(heard.borrow().hellos.contains_key("b: refused"), || {
+        format!("hellos {:?}", heard.borrow().hellos)
+    })?;
+    // A grandchild's name is not the root's to give; nothing is forked.
+    let before = bus.children().len();
+    let grab = bus.fork(ForkOptions::named("a1"), |_| {});
+    ensure(
+        matches!(grab, Err(ForkError::Name(NameError::Taken { .. })))
+            && bus.children().len() == before,
+        || format!("forking a second \"a1\": {grab:?}"),
+    )?;
+    ensure(
+        matches!(bus.register_name("a"), Err(NameError::Taken { holder, .. }) if holder.pid == a.as_raw()),
+        || "the root took its child's name".into(),
+    )?;
+    // The one sanctioned move: a parent gives its child's name to a replacement.
+    let b2 = bus
+        .fork(ForkOptions::named("b"), |_| {})
+        .map_err(|e| e.to_string())?;
+    ensure(
+        bus.router().resolve(&forkbus::to::name("b")).map(|n| n.pid) == Some(b2.as_raw())
+            && b2 != b,
+        || "the replacement did not take the name".into(),
+    )?;
+    ensure(
+        bus.router().resolve(&forkbus::to::name("a")).map(|n| n.pid) == Some(a.as_raw()),
+        || "a name moved".into(),
+    )?;
+    common::shutdown(bus)
+}
+
+// ---------------------------------------------------------------------------------------
 // SIGINT to the root shuts the tree down too.
 
 fn sigint_scenario(report: &common::Reporter) -> Result<(), String> {
@@ -797,6 +856,7 @@ fn main() {
         Duration::from_secs(60),
         child_panics,
     );
+    h.run("names_are_unique", Duration::from_secs(60), unique_names);
     h.run_with(
         "sigint_root",
         Duration::from_secs(60),
