@@ -87,6 +87,9 @@ pub(super) struct Link {
     pub(super) dirty: bool,
     /// Since when output has waited without the peer taking any of it.
     pub(super) tx_stalled_since: Option<Timestamp>,
+    /// The peer took some output since the stall clock was last set (it is set again to
+    /// the time of the next timeout check: `advance_output` has no clock).
+    pub(super) tx_progress: bool,
     /// Since when a frame the peer began has waited for its end.
     pub(super) rx_partial_since: Option<Timestamp>,
 }
@@ -120,6 +123,7 @@ impl Link {
             refused: false,
             dirty: false,
             tx_stalled_since: None,
+            tx_progress: false,
             rx_partial_since: None,
         }
     }

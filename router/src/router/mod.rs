@@ -505,6 +505,10 @@ impl Router {
         let mut stalled = Vec::new();
         for (i, l) in self.links.iter_mut() {
             let id = Self::link_id(i, l.generation);
+            if std::mem::take(&mut l.tx_progress) && l.tx_stalled_since.is_some() {
+                // The peer took output since the last check: the stall clock starts again.
+                l.tx_stalled_since = Some(now);
+            }
             if l.ack_deadline.is_some_and(|d| d <= now) {
                 l.write_ack();
                 due.push(id);
@@ -924,7 +928,6 @@ impl Router {
     /// written (a partial write is fine).
     pub fn advance_output(&mut self, link: LinkId, n: usize) -> Result<(), Error> {
         let idx = self.check(link)?;
-        let clock = self.clock;
         let l = &mut self.links[idx];
         let n = n.min(l.pending());
         l.tx_head += n;
@@ -948,10 +951,9 @@ impl Router {
             l.tx_head = 0;
             l.ack_at = None;
             l.tx_stalled_since = None;
+            l.tx_progress = false;
         } else {
-            if n > 0 {
-                l.tx_stalled_since = Some(clock);
-            }
+            l.tx_progress |= n > 0;
             if l.tx_head >= 1 << 16 && l.tx_head * 2 >= l.tx.len() {
                 l.tx.drain(..l.tx_head);
                 l.ack_at = l.ack_at.and_then(|at| at.checked_sub(l.tx_head));
@@ -2279,5 +2281,80 @@ mod custody_tests {
                 holder: node(2)
             })
         );
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn t(ms: u64) -> Timestamp {
+        Timestamp::from_nanos(ms * 1_000_000)
+    }
+
+    fn router() -> Router {
+        let config = RouterConfig {
+            stall_timeout: Some(Duration::from_millis(100)),
+            ..RouterConfig::default()
+        };
+        Router::new(NodeId::new(0, 1, 1), config).expect("valid")
+    }
+
+    fn downs(r: &mut Router) -> Vec<DownCause> {
+        std::iter::from_fn(|| r.poll_event())
+            .filter_map(|e| match e {
+                Event::LinkDown(d) => Some(d.cause),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn output_nobody_takes_closes_the_link_and_slow_progress_does_not() {
+        let mut r = router();
+        let deaf = r.handle_link_up(t(0), Some(NodeId::new(0, 2, 1)), LinkRole::Child);
+        let slow = r.handle_link_up(t(0), Some(NodeId::new(0, 3, 1)), LinkRole::Child);
+        // The peer of `slow` takes a byte every 60 ms: progress, however slow.
+        for step in 1..=10 {
+            let now = t(step * 60);
+            let _ = r.advance_output(slow, 1);
+            if r.poll_timeout().is_some_and(|d| d <= now) {
+                r.handle_timeout(now);
+            }
+        }
+        assert!(!r.links().contains(&deaf), "the deaf link stays open");
+        assert!(r.links().contains(&slow), "a slow reader is not stalled");
+        assert_eq!(downs(&mut r), vec![DownCause::Stalled]);
+        assert_eq!(r.stats().stalls, 1);
+    }
+
+    #[test]
+    fn a_frame_begun_and_never_finished_closes_the_link() {
+        let mut r = router();
+        let peer = NodeId::new(0, 2, 1);
+        let link = r.handle_link_up(t(0), Some(peer), LinkRole::Child);
+        // Whatever it has to say is taken at once: only the input can stall.
+        let n = r.pending_output(link).map(<[u8]>::len).unwrap_or(0);
+        r.advance_output(link, n).expect("open");
+        let mut hello = Vec::new();
+        encode_frame(
+            &mut hello,
+            &Frame::Hello(Hello {
+                version: WIRE_VERSION,
+                node: peer,
+            }),
+        );
+        r.handle_input(t(0), link, &hello).expect("hello");
+        // A 1000-byte frame announced, three bytes of it sent, then silence.
+        r.handle_input(t(10), link, &[0, 0, 3, 232, 2, 0x8d, 0])
+            .expect("a partial frame");
+        assert_eq!(r.poll_timeout(), Some(t(110)));
+        r.handle_timeout(t(109));
+        assert!(r.links().contains(&link));
+        r.handle_timeout(t(110));
+        assert!(!r.links().contains(&link));
+        assert!(downs(&mut r).contains(&DownCause::Stalled));
     }
 }
