@@ -426,6 +426,18 @@ impl Harness {
         }
     }
 
+    /// The link sequence number a choice names, relative to what the target expects next;
+    /// `None` once the target is closed.
+    fn link_seq(&self, choice: SeqChoice) -> Option<u64> {
+        let expected = self.router.link_stats(self.target).ok()?.frames_received;
+        Some(match choice {
+            SeqChoice::Next => expected,
+            SeqChoice::Back(n) => expected.saturating_sub(u64::from(n)),
+            SeqChoice::Ahead(n) => expected.saturating_add(u64::from(n)),
+            SeqChoice::Raw(n) => n,
+        })
+    }
+
     fn run(&mut self, op: &Op) {
         match op {
             Op::Bytes(b) => self.feed(b),
@@ -440,15 +452,8 @@ impl Harness {
                 payload,
                 n_trace,
             } => {
-                let Ok(stats) = self.router.link_stats(self.target) else {
+                let Some(link_seq) = self.link_seq(*link_seq) else {
                     return;
-                };
-                let expected = stats.frames_received;
-                let link_seq = match *link_seq {
-                    SeqChoice::Next => expected,
-                    SeqChoice::Back(n) => expected.saturating_sub(u64::from(n)),
-                    SeqChoice::Ahead(n) => expected.saturating_add(u64::from(n)),
-                    SeqChoice::Raw(n) => n,
                 };
                 let flags = Flags::from_bits(flags & 0b111).unwrap_or_default();
                 let payload = payload.clone();
@@ -490,15 +495,8 @@ impl Harness {
                 receipt,
                 to,
             } => {
-                let Ok(stats) = self.router.link_stats(self.target) else {
+                let Some(link_seq) = self.link_seq(*link_seq) else {
                     return;
-                };
-                let expected = stats.frames_received;
-                let link_seq = match *link_seq {
-                    SeqChoice::Next => expected,
-                    SeqChoice::Back(n) => expected.saturating_sub(u64::from(n)),
-                    SeqChoice::Ahead(n) => expected.saturating_add(u64::from(n)),
-                    SeqChoice::Raw(n) => n,
                 };
                 let kind = match *kind {
                     0 => NoticeKind::Delivered,

@@ -759,19 +759,35 @@ impl Router {
     /// ([`Error::TooManyNames`]) or while a link's control output is backed up
     /// ([`Error::QueueFull`]).
     pub fn register_name(&mut self, name: &str) -> Result<(), Error> {
+        self.add_own(name, true)
+    }
+
+    /// Takes a name (`is_name`) or joins a group, and announces the change.
+    fn add_own(&mut self, name: &str, is_name: bool) -> Result<(), Error> {
         self.check_name(name)?;
-        if self.table.has_name(name) {
+        let has = if is_name {
+            self.table.has_name(name)
+        } else {
+            self.table.is_member(name)
+        };
+        if has {
             return Ok(());
         }
         self.check_announce_room()?;
         self.check_announcement_fits(name)?;
-        self.table
-            .add_my_name(name, false)
-            .map_err(|r| Self::name_error(name, r))?;
-        self.announce_me(NodeDelta {
-            add_names: vec![name.to_owned()],
-            ..NodeDelta::default()
-        });
+        let added = if is_name {
+            self.table.add_my_name(name, false)
+        } else {
+            self.table.join_group(name)
+        };
+        added.map_err(|r| Self::name_error(name, r))?;
+        let mut delta = NodeDelta::default();
+        if is_name {
+            delta.add_names.push(name.to_owned());
+        } else {
+            delta.join_groups.push(name.to_owned());
+        }
+        self.announce_me(delta);
         self.flush_overruns();
         Ok(())
     }
@@ -805,23 +821,10 @@ impl Router {
         Ok(())
     }
 
-    /// Joins a group (announced to the whole tree).
+    /// Joins a group (announced to the whole tree); refused past the bounds
+    /// ([`Error::TooManyNames`]) or while a link's control output is backed up.
     pub fn join_group(&mut self, group: &str) -> Result<(), Error> {
-        self.check_name(group)?;
-        if self.table.is_member(group) {
-            return Ok(());
-        }
-        self.check_announce_room()?;
-        self.check_announcement_fits(group)?;
-        self.table
-            .join_group(group)
-            .map_err(|r| Self::name_error(group, r))?;
-        self.announce_me(NodeDelta {
-            join_groups: vec![group.to_owned()],
-            ..NodeDelta::default()
-        });
-        self.flush_overruns();
-        Ok(())
+        self.add_own(group, false)
     }
 
     /// Leaves a group.
