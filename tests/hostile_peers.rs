@@ -18,7 +18,9 @@
 //! 3. a flood of 200 000 broadcasts from ever new origins of its own subtree → legal, the
 //!    tree keeps serving, the seen table stays bounded;
 //! 4. a frame never completed, and a peer that never reads → `Stalled` after the timeout,
-//!    sends refused (`QueueFull`) until then.
+//!    sends refused (`QueueFull`) until then;
+//! 5. a peer that reads but never acknowledges the loss notices it is owed → `Overrun`
+//!    once they pass the bound of output it does not take.
 //!
 //! `harness = false`: every scenario runs in a forked root of its own under a deadline
 //! (`tests/common/mod.rs`).
@@ -1459,6 +1461,80 @@ fn peer_that_never_reads() -> Result<(), String> {
     t.finish(2 << 10)
 }
 
+// ---------------------------------------------------------------------------------------
+// 5. A peer that never acknowledges
+
+/// Envelopes to nowhere sent by the peer that never acknowledges.
+const NO_ACK_ENVELOPES: u64 = 200_000;
+
+/// A peer that reads everything it is sent but never acknowledges it, and sends envelopes
+/// to a node that does not exist: the root loses each (no route) and owes the sender a
+/// loss notice, a numbered frame that stays in the link's accounting until acknowledged.
+/// Unacknowledged notices count towards the bound of output the peer does not take: the
+/// link closes as `Overrun` once they pass it (here made small: twice `max_queue_bytes`
+/// plus a frame, 2 MiB), and the root's memory stays within that. The peer sends at an
+/// honest pace and reads everything, so that no notice waits unwritten: only the missing
+/// acknowledgements can close the link.
+///
+/// Before that bound covered unacknowledged notices, they piled up without end: the root
+/// grew by ~6 MiB per 100 000 envelopes (~60 bytes per notice) and the link stayed open.
+fn peer_that_never_acknowledges() -> Result<(), String> {
+    let mut config = BusConfig::default();
+    config.router.max_frame = 64 << 10;
+    config.router.max_queue_bytes = 1 << 20;
+    let mut t = Tree::new(config)?;
+    // At an honest pace, so that the notices never wait unwritten: the peer takes every
+    // byte, it only never acknowledges.
+    let window = RouterConfig::default().max_queue_envelopes;
+    let h = t.hostile(
+        "no-ack",
+        &[
+            format!("envelopes={NO_ACK_ENVELOPES}"),
+            format!("window={window}"),
+        ],
+    )?;
+    let l = t.log.clone();
+    let done = run_until(&mut t.bus, WAIT, move |_| {
+        let l = l.borrow();
+        l.flood_done
+            || l.shutdowns
+                .iter()
+                .any(|(_, s)| s.relation == Relation::Child(h.pid))
+    });
+    let lost = t.bus.router().stats().lost.no_route;
+    let down = t
+        .log
+        .borrow()
+        .shutdowns
+        .iter()
+        .find(|(_, s)| s.relation == Relation::Child(h.pid))
+        .map(|(_, s)| s.cause.clone());
+    println!(
+        "  a peer that never acknowledges: {lost} of {NO_ACK_ENVELOPES} envelopes lost (no route) \
+         and owed a notice; the link: {down:?}"
+    );
+    // The notices' bytes (at most the 2 MiB bound) and a record of each (~55 000 of 24
+    // bytes, in a deque that may double): 8 MiB leaves room.
+    t.check_rss(h, 8 << 10, "a peer that never acknowledges")?;
+    done?;
+    ensure(down == Some(DownCause::Overrun), || {
+        format!("the link of a peer that never acknowledges went down with {down:?}")
+    })?;
+    let most = t.log.borrow().max_pending_output;
+    ensure(most < 1 << 20, || {
+        format!("{most} bytes waited unwritten: the peer did not take its output")
+    })?;
+    ensure(t.log.borrow().overruns == [Some(h.node)], || {
+        format!("overruns reported: {:?}", t.log.borrow().overruns)
+    })?;
+    ensure(alive(h.pid), || "the hostile process died".into())?;
+    t.kill(h)?;
+    ensure(t.bus.router().is_idle(), || {
+        "the root is not idle once the peer is gone".into()
+    })?;
+    t.finish(2 << 10)
+}
+
 fn main() {
     let mut h = Harness::new();
     h.run(
@@ -1480,5 +1556,10 @@ fn main() {
     });
     h.run("4a_never_completed_frame", DEADLINE, never_completed_frame);
     h.run("4b_peer_that_never_reads", DEADLINE, peer_that_never_reads);
+    h.run(
+        "5_peer_that_never_acknowledges",
+        DEADLINE,
+        peer_that_never_acknowledges,
+    );
     h.finish()
 }

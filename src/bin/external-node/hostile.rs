@@ -20,7 +20,7 @@
 //! | `name-deltas` | `per=P frames=F`                | F changes adding P names each to itself |
 //! | `nodes`       | `per=P frames=F names=K [first=I]` | F announcements of P fresh fake nodes (from fake I + 1 on) with K names each |
 //! | `flood`       | `nodes=N envelopes=M [window=W]` | N fake nodes, then M broadcasts `"flood"`, each from the next fake (round robin), then its own broadcast `"flood-done"`; with a window, at most W of them unacknowledged at a time (as an honest router's queue bound allows) |
-//! | `no-ack`      | `envelopes=M`                   | M unicasts to a node that does not exist (each comes back as a loss notice), then `"flood-done"`; it never acknowledges |
+//! | `no-ack`      | `envelopes=M [window=W]`        | M unicasts to a node that does not exist (each comes back as a loss notice), then `"flood-done"`, paced like `flood`; it never acknowledges |
 //! | `partial`     | `len=L bytes=B`                 | a length prefix announcing L bytes, then B bytes of it, then silence |
 //! | `deaf`        |                                 | nothing; it never reads |
 //!
@@ -471,11 +471,14 @@ pub(crate) fn main(kind: &str, args: &[String]) -> Result<Infallible, String> {
         }
         "no-ack" => {
             let envelopes = a.num("envelopes")?;
+            let window = a.num_or("window", u64::MAX)?.max(1);
             let nowhere = Destination::Node(NodeId::new(me.host, FAKE_PID_BASE - 1, 1));
             for k in 0..envelopes {
+                p.wait_window(window);
                 p.envelope(me, k, nowhere.clone(), "flood");
                 p.batch();
             }
+            p.wait_window(window);
             p.envelope(me, envelopes, Destination::Broadcast, "flood-done");
         }
         "partial" => {
