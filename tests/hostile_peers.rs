@@ -1143,6 +1143,12 @@ fn fresh_origin_flood(pace: Pace) -> Result<(), String> {
     if pace == Pace::Unpaced {
         config.router.max_frame = 64 << 10;
         config.router.max_queue_bytes = 1 << 20;
+        // A readable link is read at most 16 times per loop iteration: with the default
+        // 64 KiB reads that is ~35 000 envelopes of this flood, ~0.35 s of a debug build's
+        // time alone and over 2 s on two contended cores, during which no timer fires and
+        // no other link is served. A quarter of that keeps the ping bound meaningful on a
+        // loaded CI machine (the burst, not the flood, sets the latency).
+        config.read_buffer = 16 << 10;
     }
     let max_origins = config.router.max_origins;
     let overrun_bound = 2 * config.router.max_queue_bytes + config.router.max_frame as usize;
@@ -1254,15 +1260,10 @@ fn fresh_origin_flood(pace: Pace) -> Result<(), String> {
     // ~3 MiB), the seen windows (max_origins of ~100 bytes), the worker's queue (at most
     // max_queue_envelopes copies of ~100 bytes, held as accounting and as bytes), the
     // output waiting for the flooder (loss notices, at most the overrun bound, 2 MiB
-    // unpaced, with a record each) and the events of one read burst (16 reads of 64 KiB:
-    // ~35 000 envelopes of ~30 bytes, ~12 MiB decoded; at the honest pace at most the
-    // window, 4096): unpaced 24 MiB, honest 16 MiB.
-    let bound = if pace == Pace::Honest {
-        16 << 10
-    } else {
-        24 << 10
-    };
-    t.check_rss(h, bound, "flood")?;
+    // unpaced, with a record each) and the events of one read burst (16 reads: unpaced
+    // of 16 KiB, ~9 000 envelopes of ~30 bytes, ~3 MiB decoded; at the honest pace at
+    // most the window, 4096): 16 MiB.
+    t.check_rss(h, 16 << 10, "flood")?;
     let unreported = t.kill(h)?;
     ensure(unreported == 1 + fakes as u64, || {
         format!("{unreported} nodes unreported behind the hostile")
@@ -1472,9 +1473,9 @@ const NO_ACK_ENVELOPES: u64 = 200_000;
 /// loss notice, a numbered frame that stays in the link's accounting until acknowledged.
 /// Unacknowledged notices count towards the bound of output the peer does not take: the
 /// link closes as `Overrun` once they pass it (here made small: twice `max_queue_bytes`
-/// plus a frame, 2 MiB), and the root's memory stays within that. The peer sends at an
-/// honest pace and reads everything, so that no notice waits unwritten: only the missing
-/// acknowledgements can close the link.
+/// plus a frame, 2 MiB), and the root's memory stays within that. The peer paces itself
+/// by the root's acknowledgements and reads everything, so that no notice waits
+/// unwritten: only the missing acknowledgements can close the link.
 ///
 /// Before that bound covered unacknowledged notices, they piled up without end: the root
 /// grew by ~6 MiB per 100 000 envelopes (~60 bytes per notice) and the link stayed open.
@@ -1483,9 +1484,9 @@ fn peer_that_never_acknowledges() -> Result<(), String> {
     config.router.max_frame = 64 << 10;
     config.router.max_queue_bytes = 1 << 20;
     let mut t = Tree::new(config)?;
-    // At an honest pace, so that the notices never wait unwritten: the peer takes every
-    // byte, it only never acknowledges.
-    let window = RouterConfig::default().max_queue_envelopes;
+    // At a modest pace (a small window), so that the notices never pile up unwritten, even
+    // on a loaded machine: the peer takes every byte, it only never acknowledges.
+    let window = 512;
     let h = t.hostile(
         "no-ack",
         &[
@@ -1529,8 +1530,9 @@ fn peer_that_never_acknowledges() -> Result<(), String> {
     })?;
     ensure(alive(h.pid), || "the hostile process died".into())?;
     t.kill(h)?;
-    ensure(t.bus.router().is_idle(), || {
-        "the root is not idle once the peer is gone".into()
+    let links = t.bus.router().links();
+    ensure(links == [t.worker_link], || {
+        format!("the root's links once the peer is gone: {links:?}")
     })?;
     t.finish(2 << 10)
 }
