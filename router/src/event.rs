@@ -155,7 +155,8 @@ pub enum DownCause {
     Closed,
     /// The peer broke the protocol.
     Protocol(ProtocolError),
-    /// The peer stopped reading and its link's control output passed its bound.
+    /// The peer stopped reading (or acknowledging) and its link's control output — unwritten
+    /// bytes, or notices it did not acknowledge — passed its bound.
     Overrun,
     /// The link made no progress within the stall timeout: output waited unwritten, or a
     /// frame the peer began was never completed.

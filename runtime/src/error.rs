@@ -279,7 +279,8 @@ pub enum BusError {
         /// What it did wrong.
         error: ProtocolError,
     },
-    /// A link was closed because its peer stopped reading while control output piled up.
+    /// A link was closed because its peer stopped reading (or acknowledging) while control
+    /// output piled up.
     Overrun {
         /// The neighbour, when known.
         peer: Option<NodeId>,
@@ -343,7 +344,11 @@ impl fmt::Display for BusError {
                 write!(f, "link {link} to {} closed: {error}", peer(p))
             }
             Self::Overrun { peer: p } => {
-                write!(f, "link to {} closed: the peer does not read", peer(p))
+                write!(
+                    f,
+                    "link to {} closed: the peer does not read or acknowledge",
+                    peer(p)
+                )
             }
             Self::Io { peer: p, op, error } => {
                 write!(f, "{op} on the link to {} failed: {error}", peer(p))

@@ -7,9 +7,17 @@
 //! control frame a child may not send (`Bus::send_forged_control`), then the message
 //! `"forged"`. It records the bad control frames it is sent and answers `"report"` with
 //! `"bad:N"` (N distinct codes); `"exit"` shuts it down gracefully.
+//!
+//! With `--hostile <kind> [key=value ...]` it runs no bus at all: it takes the inherited
+//! link by hand and writes raw frames that break the router's rules (forged origins and
+//! notices, announcements past the bounds, a flood from fresh origins, a frame never
+//! completed, a peer that never reads), for `tests/hostile_peers.rs`; see
+//! `external-node/hostile.rs` for the kinds. It stays alive until it is killed.
 
 #[path = "../../examples/external_node.rs"]
 mod external_node;
+#[path = "external-node/hostile.rs"]
+mod hostile;
 
 use std::collections::BTreeSet;
 
@@ -88,8 +96,16 @@ fn forge() -> i32 {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("--forge") {
-        std::process::exit(forge());
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("--forge") => std::process::exit(forge()),
+        Some("--hostile") => {
+            let kind = args.get(2).map_or("", String::as_str);
+            let Err(e) = hostile::main(kind, args.get(3..).unwrap_or_default());
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+        _ => {}
     }
     external_node::main();
 }

@@ -35,8 +35,8 @@ pub struct RouterConfig {
     /// Bytes of envelope frames a link may hold queued or written and unacknowledged. A
     /// link's other output (acknowledgements, announcements, notices, control) may reach
     /// the same again plus a frame before the peer counts as not reading
-    /// ([`DownCause::Overrun`](crate::DownCause::Overrun)); local control sends are refused
-    /// before that.
+    /// ([`DownCause::Overrun`](crate::DownCause::Overrun)), and so may the notices it has
+    /// not acknowledged, written or not; local control sends are refused before that.
     pub max_queue_bytes: usize,
     /// Remote nodes the routing table holds at most (a peer announcing more breaks the
     /// protocol).

@@ -81,6 +81,9 @@ pub(super) struct Link {
     pub(super) inflight: VecDeque<InFlight>,
     /// Notices among `inflight`.
     pub(super) inflight_notices: usize,
+    /// Bytes of those notices' frames (written or not): like unwritten output, bounded,
+    /// so that a peer that reads but never acknowledges cannot make them pile up.
+    pub(super) inflight_notice_bytes: usize,
     /// Bytes of the envelope frames among `inflight`.
     pub(super) inflight_bytes: usize,
     pub(super) refused: bool,
@@ -119,6 +122,7 @@ impl Link {
             first_unwritten: 0,
             inflight: VecDeque::new(),
             inflight_notices: 0,
+            inflight_notice_bytes: 0,
             inflight_bytes: 0,
             refused: false,
             dirty: false,

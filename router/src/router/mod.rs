@@ -1086,10 +1086,12 @@ impl Router {
         }
         while l.acked < n {
             if let Some(f) = l.inflight.pop_front() {
+                let len = usize::try_from(f.end - f.start).unwrap_or(0);
                 if f.queued.is_some() {
-                    l.inflight_bytes -= usize::try_from(f.end - f.start).unwrap_or(0);
+                    l.inflight_bytes -= len;
                 } else {
                     l.inflight_notices -= 1;
+                    l.inflight_notice_bytes -= len;
                 }
             }
             l.acked += 1;
@@ -1431,7 +1433,12 @@ impl Router {
             queued: None,
         });
         l.inflight_notices += 1;
-        if l.pending() > limit && !self.overrun.contains(&link) {
+        l.inflight_notice_bytes += n;
+        // A notice stays in the link's accounting until acknowledged: one the peer read
+        // and never acknowledged costs its record, so unacknowledged notices count
+        // towards the bound of output the peer does not take, like unwritten bytes.
+        if (l.pending() > limit || l.inflight_notice_bytes > limit) && !self.overrun.contains(&link)
+        {
             self.overrun.push(link);
         }
         self.mark_dirty(link);
@@ -1790,11 +1797,12 @@ impl Router {
         self.teardown(link, DownCause::Protocol(e));
     }
 
-    /// Closes links whose peers stopped reading while control output piled up.
+    /// Closes links whose peers stopped reading (or acknowledging notices) while control
+    /// output piled up.
     fn flush_overruns(&mut self) {
         while let Some(link) = self.overrun.pop() {
             if self.check(link).is_ok() {
-                tracing::warn!(link = %link, "closing link: peer does not read");
+                tracing::warn!(link = %link, "closing link: peer does not read or acknowledge");
                 self.teardown(link, DownCause::Overrun);
             }
         }
