@@ -1018,7 +1018,9 @@ fn huge_announcements() -> Result<(), String> {
     let h = t.hostile("names", &args(&["count=4000", "frames=20", "len=200"]))?;
     t.expect_violation(
         h,
-        &ProtocolError::Malformed("too many names in one announcement"),
+        &ProtocolError::TooManyNames {
+            max: RouterConfig::default().max_names_per_node,
+        },
     )?;
     // What the root holds for a frame it reads: its read buffer and at most one frame
     // (1 MiB) being completed; 4 MiB leaves room for the allocator's rounding.

@@ -630,9 +630,9 @@ impl<'a> Reader<'a> {
     fn texts(&mut self, what: &'static str) -> Result<Vec<String>> {
         let n = self.array(what)?;
         if n > self.limits.max_names_per_node {
-            return Err(ProtocolError::Malformed(
-                "too many names in one announcement",
-            ));
+            return Err(ProtocolError::TooManyNames {
+                max: self.limits.max_names_per_node,
+            });
         }
         let mut v = Vec::with_capacity(n.min(16));
         for _ in 0..n {
