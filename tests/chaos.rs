@@ -22,7 +22,7 @@
 //!
 //! ```text
 //!   start   <me> <role> <name> <ppid>
-//!   sent    <me> <seq> <n> name:<name>|pid:<pid> <time>
+//!   sent    <me> <seq> <n> name:<name>@<bound pid>|pid:<pid> <time>
 //!   recv    <origin> <seq> <n> <me>
 //!   outcome <me> <seq> <n> delivered|lost:<reason>|unknown:<reason> <payload n> <at>
 //!   refused <me> shutting-down           drain  <me>         exit <pid> code:<c>|signal:<s>
@@ -45,9 +45,12 @@
 //! received elsewhere than addressed (the holder of the name, the node with the pid); per
 //! (origin, receiving node) sequence numbers in increasing order; no send accepted after
 //! the drain began there; every child exit 0 unless the schedule killed it. Names are
-//! bound at the sender: an envelope is never received by a process its supervisor
-//! spawned after it was sent, except one sent by name while the name was held in custody
-//! (`WhileDown::Queue`), and there such hand-overs must happen. Its own teeth
+//! bound at the sender: a sender logs the pid its name resolved to in its own table (what
+//! its router binds the envelope to, `Destination::NameAt`), and the envelope must be
+//! received by that very process (a pid may be reused, an incarnation not: the checker
+//! compares pids, which only a reuse within one run could fool) — or, with
+//! `WhileDown::Queue`, bound to the custodian (the leaf's supervising middle) and handed
+//! by it to the restart. In queue mode such hand-overs must happen. Its own teeth
 //! are tested on hand-made logs (`0_checker_*`).
 //!
 //! **Scenarios.**
@@ -281,10 +284,15 @@ impl Sender {
     /// down: its last known pid, else its name).
     fn pick(&mut self, bus: &Bus) -> (Address, String) {
         let name = self.leaves[self.rng.below(self.leaves.len())].clone();
-        if self.rng.below(2) == 0 {
-            return (to::name(name.as_str()), format!("name:{name}"));
-        }
         let router = bus.router();
+        let by_name = |name: &str| {
+            // What the router binds it to (`NameAt`): the holder in this table.
+            let bound = router.resolve(&to::name(name)).map(|n| u64::from(n.pid));
+            (to::name(name), format!("name:{name}@{}", Opt(bound)))
+        };
+        if self.rng.below(2) == 0 {
+            return by_name(&name);
+        }
         let middle_pids: Vec<u32> = self
             .middles
             .iter()
@@ -299,7 +307,7 @@ impl Sender {
         }
         match self.pids.get(&name) {
             Some(&pid) => (to::pid(pid), format!("pid:{pid}")),
-            None => (to::name(name.as_str()), format!("name:{name}")),
+            None => by_name(&name),
         }
     }
 }
@@ -649,12 +657,14 @@ fn sigterm_self(p: &Shared) {
     let _ = kill(nix::unistd::getpid(), Signal::SIGTERM);
 }
 
-/// Whether a pid is a process of this scenario (its process group): never kill another.
+/// Whether a pid is a live process of this scenario (its process group, not a zombie the
+/// routing table has not buried yet): never kill another, nor count a dead one.
 fn ours(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else {
         return false;
     };
-    nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(raw))) == Ok(nix::unistd::getpgrp())
+    let group = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(raw)));
+    group == Ok(nix::unistd::getpgrp()) && !matches!(common::proc_state(pid), None | Some('Z'))
 }
 
 fn kill_one(bus: &mut Bus, p: &Shared, c: &mut Chaos) {
@@ -789,7 +799,8 @@ fn root(ctx: &Ctx) -> Result<(), String> {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum To {
-    Name(String),
+    /// A name, and the pid it was bound to at the sender (none: unknown there).
+    Name(String, Option<u32>),
     Pid(u32),
 }
 
@@ -799,8 +810,6 @@ struct SentLine {
     to: To,
     /// Line number in its log.
     at: usize,
-    /// When (`CLOCK_MONOTONIC`, ns).
-    t: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -835,8 +844,8 @@ struct ProcLog {
     recvs: Vec<RecvLine>,
     exits: Vec<(u32, String)>,
     kills: Vec<(String, String, u32)>,
-    /// Processes its supervisors spawned: pid, time.
-    spawns: Vec<(u32, u64)>,
+    /// Processes its supervisors spawned.
+    spawns: usize,
     refused: usize,
     errors: Vec<String>,
     tally: Option<(u64, u64, bool, String)>,
@@ -880,12 +889,14 @@ fn parse_log(file: &str, text: &str) -> ProcLog {
                 let n = num(f.next())?;
                 let to = f.next()?;
                 let to = if let Some(name) = to.strip_prefix("name:") {
-                    To::Name(name.to_owned())
+                    let (name, bound) = name.split_once('@')?;
+                    let bound = opt_num(Some(bound))?.map(u32::try_from).transpose().ok()?;
+                    To::Name(name.to_owned(), bound)
                 } else {
                     To::Pid(num(to.strip_prefix("pid:"))?)
                 };
-                let t = num(f.next())?;
-                if p.sent.insert(seq, SentLine { n, to, at: i, t }).is_some() {
+                let _time: u64 = num(f.next())?;
+                if p.sent.insert(seq, SentLine { n, to, at: i }).is_some() {
                     p.problems.push(format!("{file}: seq {seq} sent twice"));
                 }
                 Some(())
@@ -943,12 +954,10 @@ fn parse_log(file: &str, text: &str) -> ProcLog {
                 p.drain_at = Some(i);
                 Some(())
             }
-            "spawn" => (|| {
-                let pid = num(f.next())?;
-                let _generation: u32 = num(f.next())?;
-                p.spawns.push((pid, num(f.next())?));
+            "spawn" => {
+                p.spawns += 1;
                 Some(())
-            })(),
+            }
             "refused" => {
                 p.refused += 1;
                 Some(())
@@ -1021,7 +1030,7 @@ struct Summary {
     lost: BTreeMap<String, u64>,
     /// Of `lost`, `NoRoute` for envelopes sent by name.
     no_route_by_name: u64,
-    /// Received by a process spawned after they were sent (custody hand-overs).
+    /// Bound to a custodian and received by the leaf it held the name for.
     handed: u64,
     unknown: BTreeMap<String, u64>,
     /// Sent by processes that were killed, with no outcome logged.
@@ -1105,7 +1114,6 @@ fn check(logs: &[ProcLog], x: Expect) -> Result<Summary, Vec<String>> {
         }
     }
     // Receptions: once each, as sent, where addressed, in order per origin.
-    let spawned: HashMap<u32, u64> = logs.iter().flat_map(|p| p.spawns.iter().copied()).collect();
     let custody = matches!(x, Expect::Chaos { custody: true });
     let mut received: HashMap<(&str, u64), Vec<&str>> = HashMap::new();
     for p in logs {
@@ -1141,28 +1149,25 @@ fn check(logs: &[ProcLog], x: Expect) -> Result<Summary, Vec<String>> {
                 ));
             }
             let right_place = match &sent.to {
-                To::Name(name) => &p.name == name,
+                To::Name(name, Some(bound)) if &p.name == name => {
+                    if *bound == p.pid {
+                        true
+                    } else if custody && *bound == p.ppid {
+                        // Held by its supervisor while it was down, handed to this one.
+                        s.handed += 1;
+                        true
+                    } else {
+                        false
+                    }
+                }
+                To::Name(..) => false,
                 To::Pid(pid) => p.pid == *pid,
             };
             if !right_place {
                 errs.push(format!(
-                    "{} ({}) received {}/{}, which was sent to {:?}",
-                    p.me, p.name, r.origin, r.seq, sent.to
+                    "{} ({}, pid {}, parent {}) received {}/{}, which was sent to {:?}",
+                    p.me, p.name, p.pid, p.ppid, r.origin, r.seq, sent.to
                 ));
-            }
-            // Spawned after the send: no other node could have bound the envelope to it
-            // (they learn of it from its supervisor's announcement, which leaves after the
-            // spawn line), so only a custodian can have handed it over. A process knows
-            // itself from birth.
-            if r.origin != p.me && spawned.get(&p.pid).is_some_and(|&t| t > sent.t) {
-                if custody && matches!(sent.to, To::Name(_)) {
-                    s.handed += 1;
-                } else {
-                    errs.push(format!(
-                        "{} ({}) received {}/{} (to {:?}), sent before it was spawned",
-                        p.me, p.name, r.origin, r.seq, sent.to
-                    ));
-                }
             }
         }
     }
@@ -1194,7 +1199,7 @@ fn check(logs: &[ProcLog], x: Expect) -> Result<Summary, Vec<String>> {
                 None if o.fate == "delivered" => s.delivered += 1,
                 Some(("lost", why)) => {
                     *s.lost.entry(why.to_owned()).or_default() += 1;
-                    if why == "NoRoute" && matches!(sent.to, To::Name(_)) {
+                    if why == "NoRoute" && matches!(sent.to, To::Name(..)) {
                         s.no_route_by_name += 1;
                     }
                 }
@@ -1443,12 +1448,14 @@ fn seeds(var: &str, default: &[u64]) -> Vec<u64> {
 fn checker_catches_violations() -> Result<(), String> {
     let s = "1.a";
     let r = "2.b";
-    let sender = |extra: &str| {
+    // Envelope 0 goes by name (bound at the sender to `bound`), 1 by pid, both to r.
+    let sender_bound = |bound: &str, extra: &str| {
         format!(
-            "start {s} root root 0\nsent {s} 0 0 name:x 10\nsent {s} 1 1 pid:2 20\n{extra}\
-             tally 2 0 true Tally\ndone {s} 0 0\n"
+            "start {s} root root 0\nsent {s} 0 0 name:x@{bound} 10\nsent {s} 1 1 pid:2 20\n\
+             {extra}tally 2 0 true Tally\ndone {s} 0 0\n"
         )
     };
+    let sender = |extra: &str| sender_bound("2", extra);
     let good_out = "outcome 1.a 0 0 delivered - -\noutcome 1.a 1 1 delivered - -\n";
     let receiver = |extra: &str| format!("start {r} leaf x 1\n{extra}done {r} 0 0\n");
     let good_recv = "recv 1.a 0 0 2.b\nrecv 1.a 1 1 2.b\n";
@@ -1540,7 +1547,7 @@ fn checker_catches_violations() -> Result<(), String> {
         parse_log(
             "s",
             &format!(
-                "start {s} root root 0\nsent {s} 0 0 name:x 10\ndrain {s}\nsent {s} 1 1 pid:2 20\n\
+                "start {s} root root 0\nsent {s} 0 0 name:x@2 10\ndrain {s}\nsent {s} 1 1 pid:2 20\n\
                  {good_out}tally 2 0 true Tally\ndone {s} 0 0\n"
             ),
         ),
@@ -1554,32 +1561,34 @@ fn checker_catches_violations() -> Result<(), String> {
             ))
         }
     }
-    // Received by a process spawned after the send: a false binding, unless by name with
-    // custody; and with custody, kills without a single hand-over are refused.
-    let mid = "start 3.c middle m 0\nspawn 2 1 15\nkill leaf x 9\n";
-    let spawned_late = |custody: bool| {
+    // Names bound at the sender: received by another holder than the one bound (pid 5),
+    // or unbound there, is refused; bound to the receiver's parent (pid 1, its custodian)
+    // is a hand-over with custody and refused without; with custody, kills without a
+    // single hand-over are refused.
+    let mid = "start 1.c middle m 0\nkill leaf x 9\n";
+    let bound = |to: &str, custody: bool| {
         let logs = vec![
-            parse_log("s", &sender(good_out)),
+            parse_log("s", &sender_bound(to, good_out)),
             parse_log("r", &receiver(good_recv)),
             parse_log("m", mid),
         ];
         check(&logs, Expect::Chaos { custody })
     };
-    match spawned_late(false) {
-        Err(errs) if errs.iter().any(|e| e.contains("before it was spawned")) => {}
-        other => return Err(format!("the checker missed a late binding: {other:?}")),
+    for (to, custody) in [("5", false), ("5", true), ("-", true), ("1", false)] {
+        match bound(to, custody) {
+            Err(errs) if errs.iter().any(|e| e.contains("which was sent to")) => {}
+            other => {
+                return Err(format!(
+                    "bound to {to} (custody {custody}), received by 2: {other:?}"
+                ))
+            }
+        }
     }
-    match spawned_late(true) {
-        // By name (seq 0, at 10 < 15): handed; by pid (seq 1, at 20 > 15): fine.
+    match bound("1", true) {
         Ok(s) if s.handed == 1 => {}
         other => return Err(format!("a custody hand-over refused: {other:?}")),
     }
-    let logs = vec![
-        parse_log("s", &sender(good_out)),
-        parse_log("r", &receiver(good_recv)),
-        parse_log("m", "start 3.c middle m 0\nkill leaf x 9\n"),
-    ];
-    match check(&logs, Expect::Chaos { custody: true }) {
+    match bound("2", true) {
         Err(errs) if errs.iter().any(|e| e.contains("no envelope held")) => {}
         other => return Err(format!("custody without a hand-over passed: {other:?}")),
     }
