@@ -70,7 +70,9 @@
 //!   the root that happens: these two accept exactly that fate at a node other than the
 //!   sender and nothing else (`Expect::Overflow`); `FORKBUS_CHAOS_STRICT=1` demands no
 //!   loss at all. With `W` = 128 over a bound of 64, the senders' own sends are refused
-//!   and retried after `on_send_ready`, and the check demands that this happened.
+//!   and retried after `on_send_ready`, and the check demands that this happened. The
+//!   heavy `1_drain_w<W>` (`FORKBUS_CHAOS_LOAD`) is judged the same way: 13 × 4096 in
+//!   flight overflow the default bound (4096) at the root just as well.
 //! - `3_chaos_seed<N>`: leaves are supervised by their middle (`Restart::Always`, fast
 //!   backoff, generous intensity), middles by the root (the same: a killed middle comes
 //!   back and starts four new leaves under the same names). A schedule seeded with `N`
