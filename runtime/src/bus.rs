@@ -239,6 +239,8 @@ pub struct Bus {
     sends_rx: Receiver<Outgoing>,
     /// A handle send refused for a full queue, retried when a link has room.
     backlog: VecDeque<Outgoing>,
+    /// Links the poller found writable, written by `drive` after the events.
+    writable: Vec<LinkId>,
     internal: VecDeque<Internal>,
     drain: Drain,
     stop: Option<Stop>,
@@ -377,6 +379,7 @@ impl Bus {
             sends_tx,
             sends_rx,
             backlog: VecDeque::new(),
+            writable: Vec::new(),
             internal: VecDeque::new(),
             drain: Drain::new(drain_timeout, KILL_GRACE),
             stop: None,
@@ -1304,12 +1307,14 @@ impl Bus {
         }
     }
 
-    /// Writes and dispatches until nothing is left to write or tell.
+    /// Dispatches and writes until nothing is left to tell or write.
+    ///
+    /// Events go first: the router queues a delivery receipt with the message it is for,
+    /// and the receipt must not reach the kernel before the application was told of the
+    /// message — a process killed in between would leave the origin a false `Delivered`
+    /// for a message no listener saw.
     fn drive(&mut self) {
         for _ in 0..MAX_ROUNDS {
-            while let Some(link) = self.router.poll_transmit() {
-                self.flush_link(link);
-            }
             let mut any = false;
             while let Some(event) = self.router.poll_event() {
                 any = true;
@@ -1318,6 +1323,14 @@ impl Bus {
             while let Some(event) = self.internal.pop_front() {
                 any = true;
                 self.on_internal(event);
+            }
+            while let Some(link) = self.writable.pop() {
+                any = true;
+                self.flush_link(link);
+            }
+            while let Some(link) = self.router.poll_transmit() {
+                any = true;
+                self.flush_link(link);
             }
             if !any {
                 self.busy = false;
@@ -1338,7 +1351,9 @@ impl Bus {
                     self.read_link(r.key, MAX_READS);
                 }
                 if r.writable {
-                    self.flush_link(link);
+                    // Written by `drive`, once the messages read meanwhile (from this link
+                    // or another) are dispatched: their receipts may be queued here.
+                    self.writable.push(link);
                 }
             }
             Some(Source::Signal(_)) => self.read_signals(),

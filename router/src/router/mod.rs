@@ -1338,13 +1338,17 @@ impl Router {
             }
         }
         self.stats.delivered += 1;
-        if env.flags.contains(Flags::RECEIPT) && env.destination.is_unicast() {
-            self.send_notice(env.id.origin, env.id.seq, NoticeKind::Delivered);
-        }
+        let receipt = env.flags.contains(Flags::RECEIPT) && env.destination.is_unicast();
+        let id = env.id;
+        // The message before its receipt: a receipt for this very node is an event too,
+        // and the application must never hear "delivered" of a message it was not given.
         self.events.push_back(Event::Message {
             envelope: env,
             link: from,
         });
+        if receipt {
+            self.send_notice(id.origin, id.seq, NoticeKind::Delivered);
+        }
     }
 
     fn take_in_custody(&mut self, env: Envelope) {
