@@ -64,15 +64,13 @@
 //!   `done` and exited 0, the root's tally is `balanced()` with 16 processes and none
 //!   unreported.
 //! - `1_drain_w32_queue64`, `2_drain_w128_queue64`: the same with
-//!   `max_queue_envelopes = 64` in every process. A forwarding node reports an envelope
-//!   that overflows its next link lost for sure (`QueueFull`, DESIGN.md: "reports
-//!   forwarded envelopes that overflow as lost"), and with 13 senders funnelled through
-//!   the root that happens: these two accept exactly that fate at a node other than the
-//!   sender and nothing else (`Expect::Overflow`); `FORKBUS_CHAOS_STRICT=1` demands no
-//!   loss at all. With `W` = 128 over a bound of 64, the senders' own sends are refused
-//!   and retried after `on_send_ready`, and the check demands that this happened. The
-//!   heavy `1_drain_w<W>` (`FORKBUS_CHAOS_LOAD`) is judged the same way: 13 × 4096 in
-//!   flight overflow the default bound (4096) at the root just as well.
+//!   `max_queue_envelopes = 64` in every process, so that 13 senders funnelled through the
+//!   root overflow its links: a forwarding node whose next link is full holds back its
+//!   input (backpressure, hop by hop) and loses nothing, so these are lossless too. With
+//!   `W` = 128 over a bound of 64, the senders' own sends are refused and retried after
+//!   `on_send_ready`, and the check demands that this happened. The heavy `1_drain_w<W>`
+//!   (`FORKBUS_CHAOS_LOAD`, 13 × 4096 in flight over the default bound of 4096) is
+//!   lossless as well.
 //! - `3_chaos_seed<N>`: leaves are supervised by their middle (`Restart::Always`, fast
 //!   backoff, generous intensity), middles by the root (the same: a killed middle comes
 //!   back and starts four new leaves under the same names). A schedule seeded with `N`
@@ -87,7 +85,7 @@
 //!
 //! **Knobs.** `FORKBUS_CHAOS_SEEDS` (`1,2,3` by default; a list, ranges `a..b` allowed),
 //! `FORKBUS_CHAOS_QUEUE_SEEDS` (`1`), `FORKBUS_CHAOS_LOAD=4096` adds a drain with that `W`
-//! (the issue's heavy case), `FORKBUS_CHAOS_STRICT=1` (see above),
+//! (the issue's heavy case),
 //! `FORKBUS_CHAOS_KEEP_LOGS=1` keeps the log directory, `FORKBUS_CHAOS_CHECK=<dir>` checks
 //! a kept scenario directory again (and runs nothing else). A
 //! command-line argument filters scenarios by name, as in every process test.
@@ -1020,14 +1018,9 @@ fn read_logs(dir: &Path) -> Result<Vec<ProcLog>, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expect {
     /// A drain without kills: nothing lost, everyone `done`, every exit 0, the tally
-    /// balanced over 16 processes.
-    Lossless,
-    /// The same, except that a forwarding node may report an envelope that overflowed its
-    /// next link's queue lost for sure (`QueueFull`): the router's documented answer to
-    /// overload (DESIGN.md, "Queues are bounded"), which small queues provoke. Every other
-    /// fate is refused. With `refusals`, senders must have been refused for a full queue
-    /// and woken by `on_send_ready`.
-    Overflow {
+    /// balanced over 16 processes. With `refusals`, senders must have been refused for a
+    /// full queue and woken by `on_send_ready`.
+    Lossless {
         /// Local sends refused and retried must have happened.
         refusals: bool,
     },
@@ -1222,23 +1215,18 @@ fn check(logs: &[ProcLog], x: Expect) -> Result<Summary, Vec<String>> {
             match o.fate.split_once(':') {
                 None if o.fate == "delivered" => s.delivered += 1,
                 Some(("lost", why)) => {
-                    *s.lost.entry(why.to_owned()).or_default() += 1;
+                    let key = if o.at == p.me {
+                        why.to_owned()
+                    } else {
+                        format!("{why} (at a hop)")
+                    };
+                    *s.lost.entry(key).or_default() += 1;
                     if why == "NoRoute" && matches!(sent.to, To::Name(..)) {
                         s.no_route_by_name += 1;
                     }
                 }
                 Some(("unknown", why)) => *s.unknown.entry(why.to_owned()).or_default() += 1,
                 _ => errs.push(format!("{}/{seq}: strange outcome {:?}", p.me, o.fate)),
-            }
-            if matches!(x, Expect::Overflow { .. })
-                && o.fate != "delivered"
-                && !(o.fate == "lost:QueueFull" && o.at != p.me)
-            {
-                errs.push(format!(
-                    "{}/{seq} (to {:?}) ended {} at {}: only a forwarding node's queue-full \
-                     loss is allowed here",
-                    p.me, sent.to, o.fate, o.at
-                ));
             }
             if o.n != Some(sent.n) {
                 errs.push(format!(
@@ -1301,7 +1289,7 @@ fn check(logs: &[ProcLog], x: Expect) -> Result<Summary, Vec<String>> {
             }
         }
     }
-    if let Expect::Overflow { refusals: true } = x {
+    if let Expect::Lossless { refusals: true } = x {
         if s.queue_full == 0 || s.ready == 0 {
             errs.push(format!(
                 "no local send was refused and woken ({} refusals, {} send-ready)",
@@ -1313,7 +1301,7 @@ fn check(logs: &[ProcLog], x: Expect) -> Result<Summary, Vec<String>> {
         errs.push("no envelope held in custody reached a restarted leaf".into());
     }
     if !matches!(x, Expect::Chaos { .. }) {
-        if x == Expect::Lossless
+        if matches!(x, Expect::Lossless { .. })
             && (s.delivered != s.sent || !s.lost.is_empty() || !s.unknown.is_empty())
         {
             errs.push(format!(
@@ -1636,39 +1624,21 @@ fn checker_catches_violations() -> Result<(), String> {
         ),
         parse_log("r", &receiver("recv 1.a 1 1 2.b\n")),
     ];
-    match check(&logs, Expect::Lossless) {
+    match check(&logs, Expect::Lossless { refusals: false }) {
         Err(errs) if errs.iter().any(|e| e.contains("a drain lost")) => {}
         other => return Err(format!("a lossless drain with a loss: {other:?}")),
     }
-    // Overflow allows a forwarding node's queue-full loss, and nothing else.
-    let overflow = Expect::Overflow { refusals: false };
-    let at_hop = "outcome 1.a 0 0 lost:QueueFull 0 3.c\noutcome 1.a 1 1 delivered - -\n";
+    // A forwarding node's queue-full loss is a loss too: forwards wait for room.
     let logs = vec![
-        parse_log("s", &sender(at_hop)),
+        parse_log(
+            "s",
+            &sender("outcome 1.a 0 0 lost:QueueFull 0 3.c\noutcome 1.a 1 1 delivered - -\n"),
+        ),
         parse_log("r", &receiver("recv 1.a 1 1 2.b\n")),
     ];
-    let errs = check(&logs, overflow).err().unwrap_or_default();
-    if errs.iter().any(|e| e.contains("only a forwarding node")) {
-        return Err(format!("a forwarding node's overflow refused: {errs:?}"));
-    }
-    for (what, out) in [
-        (
-            "a queue-full loss at the sender",
-            "outcome 1.a 0 0 lost:QueueFull 0 1.a\noutcome 1.a 1 1 delivered - -\n",
-        ),
-        (
-            "an unknown fate",
-            "outcome 1.a 0 0 unknown:DestinationDown 0 1.a\noutcome 1.a 1 1 delivered - -\n",
-        ),
-    ] {
-        let logs = vec![
-            parse_log("s", &sender(out)),
-            parse_log("r", &receiver("recv 1.a 1 1 2.b\n")),
-        ];
-        match check(&logs, overflow) {
-            Err(errs) if errs.iter().any(|e| e.contains("only a forwarding node")) => {}
-            other => return Err(format!("overflow allowed {what}: {other:?}")),
-        }
+    match check(&logs, Expect::Lossless { refusals: false }) {
+        Err(errs) if errs.iter().any(|e| e.contains("a drain lost")) => {}
+        other => return Err(format!("a hop's overflow passed as lossless: {other:?}")),
     }
     Ok(())
 }
@@ -1679,10 +1649,8 @@ fn expect_of(name: &str) -> Expect {
         Expect::Chaos { custody: true }
     } else if name.starts_with("3_chaos") {
         Expect::Chaos { custody: false }
-    } else if name == "1_drain_w32" {
-        Expect::Lossless
     } else {
-        Expect::Overflow {
+        Expect::Lossless {
             refusals: name.starts_with("2_"),
         }
     }
@@ -1736,18 +1704,9 @@ fn main() {
         Duration::from_secs(10),
         checker_catches_violations,
     );
-    let lossless = Expect::Lossless;
+    let lossless = Expect::Lossless { refusals: false };
     let lossy = Expect::Chaos { custody: false };
-    // With small queues forwarding nodes report overflow lost (see `Expect::Overflow`);
-    // FORKBUS_CHAOS_STRICT=1 demands no loss at all there, as the issue first asked.
-    let strict = std::env::var_os("FORKBUS_CHAOS_STRICT").is_some();
-    let small = |refusals| {
-        if strict {
-            Expect::Lossless
-        } else {
-            Expect::Overflow { refusals }
-        }
-    };
+    let small = |refusals| Expect::Lossless { refusals };
     scenario(&mut h, &base, "1_drain_w32", ctx.clone(), lossless);
     scenario(
         &mut h,
@@ -1784,7 +1743,7 @@ fn main() {
                 ..ctx.clone()
             },
             // 13 senders of 4096 overflow the default queue bound at the root.
-            small(false),
+            lossless,
         );
     }
     for seed in seeds("FORKBUS_CHAOS_SEEDS", &[1, 2, 3]) {

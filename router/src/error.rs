@@ -187,6 +187,13 @@ pub enum ProtocolError {
     },
     /// A handed-over envelope came from another link than this node's parent.
     HandedNotFromParent,
+    /// The peer sent on while this node held its envelopes back (their forwards waited for
+    /// room): more unacknowledged envelopes than any peer with the tree's queue bounds may
+    /// have in flight.
+    WindowExceeded {
+        /// Envelopes held back.
+        held: usize,
+    },
     /// An acknowledgement went backwards or covered frames not yet written.
     BadAck {
         /// The cumulative count acknowledged.
@@ -232,6 +239,10 @@ impl fmt::Display for ProtocolError {
             Self::HandedNotFromParent => {
                 f.write_str("a handed-over envelope from another link than the parent's")
             }
+            Self::WindowExceeded { held } => write!(
+                f,
+                "{held} envelopes held back: the peer ignores the acknowledgement window"
+            ),
             Self::BadAck {
                 acked,
                 written,

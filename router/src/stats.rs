@@ -81,6 +81,9 @@ pub struct RouterStats {
     pub sent: u64,
     /// Envelopes passed on towards another node (once per envelope, not per link).
     pub forwarded: u64,
+    /// Forwarded copies that waited for room on their next link (their incoming frame held
+    /// back, unacknowledged, meanwhile: backpressure instead of a loss).
+    pub parked: u64,
     /// Extra copies made here by fanning one envelope out to several links (and the
     /// application).
     pub fanout: u64,

@@ -172,10 +172,10 @@ fn prop_assume_queue_full(e: &Error) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(32), .. ProptestConfig::default() })]
 
-    /// Under any load and no failure, a receipt ends `Delivered`, or — when a forwarding
-    /// hop's queue was full — `Lost(queue full)`, a sure loss that really did not arrive.
-    /// Never a timeout, never an unknown, never a dropped receipt. With queues that hold
-    /// the whole load, every receipt ends `Delivered`.
+    /// Under any load and no failure, every envelope sent with a receipt ends `Delivered`:
+    /// no receipt is dropped, and a forwarding hop whose next link is full holds back what
+    /// it receives (backpressure, hop by hop) instead of losing it. With tiny queues and
+    /// socket buffers half the time, so that forwards wait and notices pile up.
     #[test]
     fn receipts_survive_any_load(
         n in 2usize..=24, seed in any::<u64>(), n_msgs in 50usize..600, tight in any::<bool>(),
@@ -198,12 +198,9 @@ proptest! {
         check_copies_balance(&sim)?;
         let outcomes = check_truth(&sim, &sent)?;
         for (o, (_, id)) in outcomes.iter().zip(&sent) {
-            match o {
-                None => {}
-                Some(Fate::Lost(LossReason::QueueFull)) if tight => {}
-                other => prop_assert!(false, "{:?} ended {:?} with no failure", id, other),
-            }
+            prop_assert!(o.is_none(), "{:?} ended {:?} with no failure", id, o);
         }
+
     }
 
     /// Broadcast, group and unicast traffic with links cut in the middle of it: every copy

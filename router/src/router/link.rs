@@ -2,11 +2,11 @@
 //! waiting to be written, and the receive side's acknowledgements.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use super::config::RouterConfig;
-use crate::id::{LinkRole, NodeId, Timestamp};
+use crate::id::{LinkId, LinkRole, NodeId, Timestamp};
 use crate::wire::{encode_ack_fixed, envelope_frame_len, raise_ack, Deframer, Envelope};
 
 /// An envelope in link accounting, shared by every link it was queued on.
@@ -51,6 +51,22 @@ pub(super) struct InFlight {
     pub(super) queued: Option<Rc<Queued>>,
 }
 
+/// What waits for room on a link, in order.
+#[derive(Debug)]
+pub(super) enum Parked {
+    /// A forwarded envelope, and the incoming frame it holds back (that frame, and every
+    /// later one on its link, stays unacknowledged until the envelope is queued: the
+    /// sender's queue fills and it slows down).
+    Envelope {
+        queued: Rc<Queued>,
+        /// The incoming link and frame held back.
+        hold: (LinkId, u64),
+    },
+    /// A route update passed on while forwards waited: it must not overtake them (the
+    /// removal of a node ahead of that node's last envelopes would make them look late).
+    Routes(Vec<u8>),
+}
+
 /// One link's two directions.
 ///
 /// ```text
@@ -58,7 +74,9 @@ pub(super) struct InFlight {
 ///                 acked          first_unwritten
 ///         inflight holds seqs acked..next_seq (envelopes and notices); tx holds the
 ///         bytes not yet written (those frames and hello, acks, routes, control)
-///  recv:  rx_next = frames received;  rx_acked = frames acknowledged to the peer
+///  recv:  rx_next = frames received;  rx_acked = frames acknowledged to the peer,
+///         never past the first frame held back (`holds`) by a forward that waits for
+///         room: backpressure, hop by hop
 /// ```
 #[derive(Debug)]
 pub(super) struct Link {
@@ -88,6 +106,14 @@ pub(super) struct Link {
     pub(super) inflight_bytes: usize,
     pub(super) refused: bool,
     pub(super) dirty: bool,
+    /// Forwarded envelopes (and route updates behind them) waiting for room on this link,
+    /// in order.
+    pub(super) parked: VecDeque<Parked>,
+    /// Bytes of the route updates among `parked` (counted with unwritten output against
+    /// the overrun bound).
+    pub(super) parked_route_bytes: usize,
+    /// Incoming frames of this link held back, with how many forwards each waits for.
+    pub(super) holds: BTreeMap<u64, u32>,
     /// Since when output has waited without the peer taking any of it.
     pub(super) tx_stalled_since: Option<Timestamp>,
     /// The peer took some output since the stall clock was last set (it is set again to
@@ -126,6 +152,9 @@ impl Link {
             inflight_bytes: 0,
             refused: false,
             dirty: false,
+            parked: VecDeque::new(),
+            parked_route_bytes: 0,
+            holds: BTreeMap::new(),
             tx_stalled_since: None,
             tx_progress: false,
             rx_partial_since: None,
@@ -145,6 +174,21 @@ impl Link {
         self.tx_written + self.pending() as u64
     }
 
+    /// Whether a forwarded envelope frame may be queued now: nothing waits ahead of it,
+    /// and it fits the share of the bounds forwards may use — three quarters, so that
+    /// this node's own sends (a ping, a reply) always find room behind a flood passing
+    /// through, instead of waiting for the flood to end.
+    pub(super) fn takes_forward(&self, frame_len: usize, config: &RouterConfig) -> bool {
+        self.parked.is_empty() && self.forward_fits(frame_len, config)
+    }
+
+    /// Whether a forwarded frame fits the forwards' share of the bounds.
+    pub(super) fn forward_fits(&self, frame_len: usize, config: &RouterConfig) -> bool {
+        let share = |x: usize| (x - x / 4).max(1);
+        self.envelopes() < share(config.max_queue_envelopes)
+            && self.inflight_bytes + frame_len <= share(config.max_queue_bytes)
+    }
+
     /// Whether an envelope frame fits the link's bounds.
     pub(super) fn has_room(&self, frame_len: usize, config: &RouterConfig) -> bool {
         self.envelopes() < config.max_queue_envelopes
@@ -157,29 +201,57 @@ impl Link {
         self.pending() + len <= 2 * config.max_queue_bytes
     }
 
+    /// Whether a link that refused a local send has room for local sends again (a
+    /// quarter of the bounds free: hysteresis against a wake-up per acknowledgement).
     pub(super) fn below_low_water(&self, config: &RouterConfig) -> bool {
-        self.envelopes() <= config.max_queue_envelopes / 2
-            && self.inflight_bytes <= config.max_queue_bytes / 2
+        let mark = |x: usize| x - x / 4;
+        self.envelopes() <= mark(config.max_queue_envelopes)
+            && self.inflight_bytes <= mark(config.max_queue_bytes)
     }
 
-    /// Writes (or raises in place) the acknowledgement of everything received.
+    /// What may be acknowledged: everything received, up to the first frame held back.
+    pub(super) fn ack_limit(&self) -> u64 {
+        self.holds.keys().next().copied().unwrap_or(self.rx_next)
+    }
+
+    /// Writes (or raises in place) the acknowledgement of everything received that is not
+    /// held back.
     pub(super) fn write_ack(&mut self) {
         self.ack_deadline = None;
-        if self.rx_acked == self.rx_next {
+        let upto = self.ack_limit();
+        if self.rx_acked >= upto {
             return;
         }
-        self.rx_acked = self.rx_next;
+        self.rx_acked = upto;
         match self.ack_at {
-            Some(at) if at >= self.tx_head + 7 => raise_ack(&mut self.tx, at, self.rx_next),
-            _ => self.ack_at = Some(encode_ack_fixed(&mut self.tx, self.rx_next)),
+            Some(at) if at >= self.tx_head + 7 => raise_ack(&mut self.tx, at, upto),
+            _ => self.ack_at = Some(encode_ack_fixed(&mut self.tx, upto)),
         }
     }
 
     /// Writes a pending acknowledgement ahead of other output, so it rides along.
     pub(super) fn piggyback_ack(&mut self) {
-        if self.rx_next > self.rx_acked {
+        if self.ack_limit() > self.rx_acked {
             self.write_ack();
         }
+    }
+
+    /// Holds incoming frame `seq` back once more.
+    pub(super) fn hold(&mut self, seq: u64) {
+        *self.holds.entry(seq).or_default() += 1;
+    }
+
+    /// Releases one hold on incoming frame `seq`; `true` when the acknowledgement may now
+    /// go further.
+    pub(super) fn release(&mut self, seq: u64) -> bool {
+        let before = self.ack_limit();
+        if let Some(n) = self.holds.get_mut(&seq) {
+            *n -= 1;
+            if *n == 0 {
+                self.holds.remove(&seq);
+            }
+        }
+        self.ack_limit() > before
     }
 
     /// The earliest moment this link counts as stalled.

@@ -13,7 +13,7 @@ use slab::Slab;
 pub use config::{LinkStats, NoRoutePolicy, Refused, RouterConfig, SendOptions};
 
 use self::custody::Custody;
-use self::link::{InFlight, Link, Queued};
+use self::link::{InFlight, Link, Parked, Queued};
 use self::receipts::{Pending, Receipts};
 use crate::dedup::SeenTable;
 use crate::error::{Error, ProtocolError};
@@ -241,7 +241,7 @@ impl Router {
             && self
                 .links
                 .iter()
-                .all(|(_, l)| l.inflight.is_empty() && l.pending() == 0)
+                .all(|(_, l)| l.inflight.is_empty() && l.pending() == 0 && l.parked.is_empty())
     }
 
     /// Whether a forked child may be given these names ([`handle_fork`](Self::handle_fork)):
@@ -461,10 +461,11 @@ impl Router {
                         _ => Some(now),
                     };
                     l.deframer = deframer;
-                    if l.rx_next - l.rx_acked >= self.config.ack_every {
+                    let unacked = l.ack_limit().saturating_sub(l.rx_acked);
+                    if unacked >= self.config.ack_every {
                         l.write_ack();
                         self.mark_dirty(link);
-                    } else if l.rx_next > l.rx_acked && l.ack_deadline.is_none() {
+                    } else if unacked > 0 && l.ack_deadline.is_none() {
                         l.ack_deadline = Some(now + self.config.ack_delay);
                     }
                 }
@@ -715,7 +716,7 @@ impl Router {
         let queued = Queued::with_len(env, len, true, targets.len());
         for &link in plan.targets.as_slice() {
             // Room was checked above and nothing ran in between.
-            self.enqueue(link, &queued);
+            self.push_queued(link, &queued);
         }
         Ok(id)
     }
@@ -1096,6 +1097,10 @@ impl Router {
             }
             l.acked += 1;
         }
+        self.unpark(link);
+        let Some(l) = self.links.get_mut(link.index()) else {
+            return Ok(());
+        };
         if l.refused && l.below_low_water(&self.config) {
             l.refused = false;
             self.events.push_back(Event::LinkReady(link));
@@ -1204,7 +1209,19 @@ impl Router {
             // A peer link carries traffic between its two ends only.
             self.deliver_from_peer(env, link);
         } else {
-            self.dispatch(env, link);
+            // Held while it is dispatched, so that nothing acknowledges it before every
+            // copy found room (a forward that waits keeps its own hold).
+            if let Some(l) = self.links.get_mut(link.index()) {
+                l.hold(link_seq);
+            }
+            self.dispatch(env, (link, link_seq));
+            self.release_hold((link, link_seq));
+            // An honest peer has at most its queue bound unacknowledged: one that sends on
+            // while its envelopes are held back would make them pile up here.
+            let held = self.links.get(link.index()).map_or(0, |l| l.holds.len());
+            if held > 2 * self.config.max_queue_envelopes {
+                return Err(ProtocolError::WindowExceeded { held });
+            }
         }
         Ok(())
     }
@@ -1254,8 +1271,8 @@ impl Router {
         }
     }
 
-    /// Routes an envelope that came in on `from`.
-    fn dispatch(&mut self, mut env: Envelope, from: LinkId) {
+    /// Routes an envelope that came in on `from`, frame `seq` of that link.
+    fn dispatch(&mut self, mut env: Envelope, (from, seq): (LinkId, u64)) {
         let plan = self.plan(&env.destination, Some(from));
         if plan.unroutable {
             self.lose(&env, Fate::Lost(LossReason::NoRoute));
@@ -1302,9 +1319,71 @@ impl Router {
         self.stats.forwarded += 1;
         let queued = Queued::with_len(env, max_len, false, targets.len());
         for link in targets {
-            if !self.enqueue(link, &queued) {
-                self.lose(&queued.env, Fate::Lost(LossReason::QueueFull));
+            if self.enqueue(link, &queued) {
+                continue;
             }
+            // No room: the copy waits for it, holding back the frame it came in.
+            let Some(l) = self.links.get_mut(link.index()) else {
+                continue;
+            };
+            l.parked.push_back(Parked::Envelope {
+                queued: queued.clone(),
+                hold: (from, seq),
+            });
+            self.stats.parked += 1;
+            if let Some(l) = self.links.get_mut(from.index()) {
+                l.hold(seq);
+            }
+        }
+    }
+
+    /// Queues the forwards waiting for room on `link`, in order, as far as it has room;
+    /// each releases the incoming frame it held back.
+    fn unpark(&mut self, link: LinkId) {
+        loop {
+            let Some(l) = self.links.get_mut(link.index()) else {
+                return;
+            };
+            let fits = match l.parked.front() {
+                Some(Parked::Envelope { queued, .. }) => {
+                    l.forward_fits(queued.max_len, &self.config)
+                }
+                Some(Parked::Routes(_)) => true,
+                None => false,
+            };
+            if !fits {
+                return;
+            }
+            match l.parked.pop_front() {
+                Some(Parked::Envelope { queued, hold }) => {
+                    self.push_queued(link, &queued);
+                    self.release_hold(hold);
+                }
+                Some(Parked::Routes(bytes)) => {
+                    l.parked_route_bytes -= bytes.len();
+                    self.push_bytes(link, &bytes);
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Releases one hold on an incoming frame; acknowledges what that frees.
+    fn release_hold(&mut self, (link, seq): (LinkId, u64)) {
+        let clock = self.clock;
+        let Some(l) = self.links.get_mut(link.index()) else {
+            return;
+        };
+        if l.generation != link.generation {
+            return;
+        }
+        l.release(seq);
+        let unacked = l.ack_limit().saturating_sub(l.rx_acked);
+        if unacked >= self.config.ack_every {
+            l.write_ack();
+            self.mark_dirty(link);
+        } else if unacked > 0 && l.ack_deadline.is_none() {
+            l.ack_deadline = Some(clock + self.config.ack_delay);
         }
     }
 
@@ -1692,10 +1771,11 @@ impl Router {
         }
     }
 
-    /// Queues an envelope frame on a link; `false` when the link is full (or gone).
+    /// Queues a forwarded envelope frame on a link; `false` when the forwards' share of
+    /// the link is full, or something waits ahead (or the link is gone).
     fn enqueue(&mut self, link: LinkId, queued: &Rc<Queued>) -> bool {
         match self.links.get(link.index()) {
-            Some(l) if l.has_room(queued.max_len, &self.config) => {
+            Some(l) if l.takes_forward(queued.max_len, &self.config) => {
                 self.push_queued(link, queued);
                 true
             }
@@ -1753,8 +1833,18 @@ impl Router {
         }
         let mut buf = Vec::new();
         encode_routes(&mut buf, update.clone(), self.route_budget());
+        let limit = self.config.max_queue_bytes * 2 + self.config.max_frame as usize;
         for link in self.tree_links(except) {
-            self.push_bytes(link, &buf);
+            match self.links.get_mut(link.index()) {
+                Some(l) if !l.parked.is_empty() => {
+                    l.parked_route_bytes += buf.len();
+                    l.parked.push_back(Parked::Routes(buf.clone()));
+                    if l.pending() + l.parked_route_bytes > limit && !self.overrun.contains(&link) {
+                        self.overrun.push(link);
+                    }
+                }
+                _ => self.push_bytes(link, &buf),
+            }
         }
     }
 
@@ -1818,8 +1908,17 @@ impl Router {
         if self.check(link).is_err() {
             return;
         }
-        let l = self.links.remove(idx);
+        let mut l = self.links.remove(idx);
         self.generations[idx] = self.generations[idx].wrapping_add(1);
+        // Forwards that waited for room on it were never written: sure losses; the frames
+        // they held back elsewhere may be acknowledged now.
+        for p in std::mem::take(&mut l.parked) {
+            if let Parked::Envelope { queued, hold } = p {
+                let env = for_accounting(&queued.env, false);
+                self.lose(&env, Fate::Lost(LossReason::NeverWritten));
+                self.release_hold(hold);
+            }
+        }
         let mut lost = Vec::with_capacity(l.envelopes());
         for f in l.inflight {
             // A notice goes down with its link: the origin is behind it, cut off, and
