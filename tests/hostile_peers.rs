@@ -15,8 +15,9 @@
 //! 1. forged origins, notices and announcements → `RouteConflict` / `UnknownOrigin`;
 //! 2. announcements past the bounds (4000 names × 20 frames, names per node, `max_nodes`,
 //!    `max_names`) → closed at the first frame over;
-//! 3. a flood of 200 000 broadcasts from ever new origins of its own subtree → legal, the
-//!    tree keeps serving, the seen table stays bounded;
+//! 3. a flood of 200 000 broadcasts from ever new origins of its own subtree → legal at an
+//!    honest pace (the tree keeps serving, the seen table stays bounded, every copy reaches
+//!    the worker); unpaced, ignoring the acknowledgement window → `WindowExceeded`;
 //! 4. a frame never completed, and a peer that never reads → `Stalled` after the timeout,
 //!    sends refused (`QueueFull`) until then;
 //! 5. a peer that reads but never acknowledges the loss notices it is owed → `Overrun`
@@ -1131,14 +1132,15 @@ enum Pace {
 /// turn — every one from an origin the seen tables have forgotten, so each costs an
 /// eviction — then `"flood-done"` from itself. Both the root and the worker keep answering
 /// pings within the bound, their seen tables stay within `max_origins`, their memory
-/// within a bound, and every copy for the worker is delivered to it or reported lost (a
-/// full queue at the root: the root forwards what it reads and does not push back).
+/// within a bound, and every copy for the worker is delivered to it (the root holds back
+/// what it cannot forward yet, hop by hop, instead of losing it; a ping finds room behind
+/// the flood).
 ///
-/// At the honest pace the link stays open and the root takes every envelope. Unpaced, the
-/// root owes the flooder a loss notice for nearly every copy it could not forward, more
-/// than one socket buffer per loop iteration: the flooder's link may then close as
-/// `Overrun` (its bound, here made small, of output waiting for it), never as a protocol
-/// error, and the tree goes on.
+/// At the honest pace (the acknowledgement window respected) the link stays open and the
+/// root takes every envelope. Unpaced, the flooder sends on while the root holds its
+/// envelopes back: past twice the queue bound its link closes as `WindowExceeded` (or
+/// `Overrun`, should notices pile up first), and every copy the root took still reaches
+/// the worker.
 fn fresh_origin_flood(pace: Pace) -> Result<(), String> {
     let mut config = BusConfig::default();
     config.router.max_nodes = FLOOD_NODES_MAX;

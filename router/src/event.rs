@@ -23,8 +23,8 @@ pub enum LossReason {
     NoRoute,
     /// It would have exceeded its hop limit.
     HopLimit,
-    /// The next link's queue was full (a forwarded envelope; local sends are refused
-    /// instead), or a name's custodian held as many envelopes as it may.
+    /// A name's custodian held as many envelopes as it may. (A full link never loses a
+    /// forward: it waits, holding back its input; local sends are refused instead.)
     QueueFull,
     /// It grew past the frame limit on its way (its trace) and could not be forwarded.
     TooLarge,

@@ -21,19 +21,26 @@
 //! - Unicast follows the routing table, one link per hop; broadcast and group envelopes are
 //!   flooded to every link with members but the one they came on; every node keeps a
 //!   bounded window of seen ids per origin, so nothing is delivered twice.
-//! - Every envelope is delivered or reported lost with a [`LossReason`]. A link that goes
-//!   down yields its lost list ([`LinkDown`]): every envelope queued for it or written and
-//!   not acknowledged, whole. Origins elsewhere get loss notices. With a receipt, the origin
-//!   gets exactly one outcome per envelope.
-//! - Queues, windows and tables are bounded whatever peers send; a malformed frame closes
-//!   one link and nothing else.
+//! - With a receipt, the origin gets exactly one outcome per envelope, and it is true:
+//!   [`Event::Delivered`], or [`Event::Lost`] whose [`Fate`] says whether it surely did not
+//!   arrive ([`LossReason`]: safe to retry) or may have ([`UnknownReason`]). A link that
+//!   goes down yields its lost list ([`LinkDown`]): every envelope queued for it or written
+//!   and not acknowledged, whole. Origins elsewhere get notices, never dropped while the
+//!   links to them stand.
+//! - A forward never drops for want of room: it waits and holds its input back
+//!   (backpressure, hop by hop). With no failure, every receipt ends delivered.
+//! - Where a node lives is fixed by topology (its first announcement); traffic never moves
+//!   it, and a tree link that contradicts it is closed.
+//! - Queues, windows, tables and names are bounded whatever peers send; a malformed frame
+//!   closes one link and nothing else; a link that stalls is closed.
 //!
 //! # Trust
 //!
 //! Bytes from a peer are untrusted: nothing a peer sends can make a router panic, allocate
-//! without bound, or close another link. The nodes of one tree are trusted to tell the
-//! truth, though: a peer that forges well-formed receipts or loss notices can mislead an
-//! origin about an envelope's fate (it cannot make it report an envelope it never sent).
+//! without bound, or close another link. A tree link speaks only for the nodes behind it
+//! ([`LinkRole`]); within that, a node may still lie about envelopes that passed through it
+//! (claim one it carried was lost). Receipts are believed only from the node an envelope is
+//! bound to.
 
 mod cbor;
 mod dedup;
