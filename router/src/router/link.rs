@@ -114,6 +114,9 @@ pub(super) struct Link {
     pub(super) parked_route_bytes: usize,
     /// Incoming frames of this link held back, with how many forwards each waits for.
     pub(super) holds: BTreeMap<u64, u32>,
+    /// The incoming frame being dispatched right now (not to be acknowledged by output
+    /// written meanwhile, before its forwards found room or were parked).
+    pub(super) dispatching: Option<u64>,
     /// Since when output has waited without the peer taking any of it.
     pub(super) tx_stalled_since: Option<Timestamp>,
     /// The peer took some output since the stall clock was last set (it is set again to
@@ -155,6 +158,7 @@ impl Link {
             parked: VecDeque::new(),
             parked_route_bytes: 0,
             holds: BTreeMap::new(),
+            dispatching: None,
             tx_stalled_since: None,
             tx_progress: false,
             rx_partial_since: None,
@@ -211,7 +215,8 @@ impl Link {
 
     /// What may be acknowledged: everything received, up to the first frame held back.
     pub(super) fn ack_limit(&self) -> u64 {
-        self.holds.keys().next().copied().unwrap_or(self.rx_next)
+        let held = self.holds.keys().next().copied().unwrap_or(self.rx_next);
+        self.dispatching.map_or(held, |d| d.min(held))
     }
 
     /// Writes (or raises in place) the acknowledgement of everything received that is not

@@ -1209,13 +1209,17 @@ impl Router {
             // A peer link carries traffic between its two ends only.
             self.deliver_from_peer(env, link);
         } else {
-            // Held while it is dispatched, so that nothing acknowledges it before every
-            // copy found room (a forward that waits keeps its own hold).
+            // Not acknowledged while it is dispatched, so that nothing acknowledges it
+            // before every copy found room (a forward that waits keeps its own hold).
             if let Some(l) = self.links.get_mut(link.index()) {
-                l.hold(link_seq);
+                l.dispatching = Some(link_seq);
             }
             self.dispatch(env, (link, link_seq));
-            self.release_hold((link, link_seq));
+            if let Some(l) = self.links.get_mut(link.index()) {
+                if l.generation == link.generation {
+                    l.dispatching = None;
+                }
+            }
             // An honest peer has at most its queue bound unacknowledged: one that sends on
             // while its envelopes are held back would make them pile up here.
             let held = self.links.get(link.index()).map_or(0, |l| l.holds.len());
