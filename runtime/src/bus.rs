@@ -488,6 +488,7 @@ impl Bus {
             shared: self.reactor.shared.clone(),
             requests: self.requests_tx.clone(),
             sends: self.sends_tx.clone(),
+            max_frame: self.config.router.max_frame as usize,
         }
     }
 

@@ -37,6 +37,8 @@ pub struct BusHandle {
     pub(crate) shared: Arc<Shared>,
     pub(crate) requests: Sender<Request>,
     pub(crate) sends: Sender<Outgoing>,
+    /// The frame limit: a value that would encode past it is refused while encoding.
+    pub(crate) max_frame: usize,
 }
 
 impl BusHandle {
@@ -103,7 +105,7 @@ impl BusHandle {
         if std::process::id() != self.shared.owner {
             return Err(SendError::OtherProcess);
         }
-        let payload = crate::message::encode_local(value)?;
+        let payload = crate::message::encode_local(value, self.max_frame)?;
         Ok(Outgoing {
             to,
             payload,

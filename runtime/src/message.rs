@@ -190,10 +190,13 @@ thread_local! {
 }
 
 /// [`encode`] with this thread's scratch buffer.
-pub(crate) fn encode_local<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, SendError> {
+pub(crate) fn encode_local<T: Serialize + ?Sized>(
+    value: &T,
+    max_frame: usize,
+) -> Result<Vec<u8>, SendError> {
     ENCODE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => encode(value, &mut scratch),
-        Err(_) => encode(value, &mut Vec::new()),
+        Ok(mut scratch) => encode_capped(value, &mut scratch, max_frame),
+        Err(_) => encode_capped(value, &mut Vec::new(), max_frame),
     })
 }
 
@@ -201,6 +204,20 @@ pub(crate) fn encode_local<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, 
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[test]
+    fn the_thread_local_encoder_is_capped_too() {
+        // What `BusHandle::send` and the task pool use: refused at the cap, not after.
+        let big = vec![7u8; 100_000];
+        match encode_local(&big, 1000) {
+            Err(SendError::Router(forkbus_router::Error::PayloadTooLarge { len, .. })) => {
+                assert!(len > 1000 && len < 2000, "stopped near the cap: {len}");
+            }
+            other => panic!("not refused at the cap: {other:?}"),
+        }
+        let small = encode_local(&7u8, 1000).expect("fits");
+        assert_eq!(decode::<u8>(&small).expect("decodes"), 7);
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Ping {

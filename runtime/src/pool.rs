@@ -46,7 +46,7 @@ use serde::Serialize;
 
 use crate::bus::Bus;
 use crate::child::Pid;
-use crate::error::DecodeError;
+use crate::error::{DecodeError, SendError};
 use crate::message::{decode, encode_local};
 use crate::supervisor::{
     self, ChildSpec, JobFn, PoolError, SuperviseError, Supervisor, SupervisorConfig, WaitError,
@@ -277,7 +277,8 @@ impl TaskPool {
         let job: JobFn = Rc::new(move |bus: &mut Bus, bytes: &[u8]| {
             let input: J = decode(bytes).map_err(|e| e.to_string())?;
             let output = handler(bus, input);
-            encode_local(&output).map_err(|e| e.to_string())
+            let max = (bus.router().config().max_frame as usize).saturating_sub(64);
+            encode_local(&output, max).map_err(|e| e.to_string())
         });
         let sup = Supervisor::with_config(
             bus,
@@ -320,8 +321,14 @@ impl TaskPool {
         if bus.is_stopping() {
             return Err(PoolError::ShuttingDown);
         }
-        let payload = encode_local(job).map_err(|e| PoolError::Encode(e.to_string()))?;
         let max = (bus.router().config().max_frame as usize).saturating_sub(64);
+        // Refused while encoding, before a job too large is encoded whole.
+        let payload = encode_local(job, max).map_err(|e| match e {
+            SendError::Router(forkbus_router::Error::PayloadTooLarge { len, .. }) => {
+                PoolError::TooLarge { len, max }
+            }
+            other => PoolError::Encode(other.to_string()),
+        })?;
         if payload.len() > max {
             return Err(PoolError::TooLarge {
                 len: payload.len(),
