@@ -68,9 +68,8 @@
 //!   root overflow its links: a forwarding node whose next link is full holds back its
 //!   input (backpressure, hop by hop) and loses nothing, so these are lossless too. With
 //!   `W` = 128 over a bound of 64, the senders' own sends are refused and retried after
-//!   `on_send_ready`, and the check demands that this happened. The heavy `1_drain_w<W>`
-//!   (`FORKBUS_CHAOS_LOAD`, 13 × 4096 in flight over the default bound of 4096) is
-//!   lossless as well.
+//!   `on_send_ready`, and the check demands that this happened. The heavy `1_drain_w4096`
+//!   (13 × 4096 in flight over the default bound of 4096) is lossless as well.
 //! - `3_chaos_seed<N>`: leaves are supervised by their middle (`Restart::Always`, fast
 //!   backoff, generous intensity), middles by the root (the same: a killed middle comes
 //!   back and starts four new leaves under the same names). A schedule seeded with `N`
@@ -84,8 +83,8 @@
 //!   delivered to the restart.
 //!
 //! **Knobs.** `FORKBUS_CHAOS_SEEDS` (`1,2,3` by default; a list, ranges `a..b` allowed),
-//! `FORKBUS_CHAOS_QUEUE_SEEDS` (`1`), `FORKBUS_CHAOS_LOAD=4096` adds a drain with that `W`
-//! (the heavy case),
+//! `FORKBUS_CHAOS_QUEUE_SEEDS` (`1`), `FORKBUS_CHAOS_LOAD=<W>` sets the window of the heavy drain
+//! (4096 by default: the heavy case),
 //! `FORKBUS_CHAOS_KEEP_LOGS=1` keeps the log directory, `FORKBUS_CHAOS_CHECK=<dir>` checks
 //! a kept scenario directory again (and runs nothing else). A
 //! command-line argument filters scenarios by name, as in every process test.
@@ -1730,10 +1729,13 @@ fn main() {
         },
         small(true),
     );
-    if let Some(w) = std::env::var("FORKBUS_CHAOS_LOAD")
+    // The heavy case by default; FORKBUS_CHAOS_LOAD picks another window.
+    let heavy = std::env::var("FORKBUS_CHAOS_LOAD")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(4096);
     {
+        let w = heavy;
         scenario(
             &mut h,
             &base,
