@@ -6,33 +6,17 @@
 //! `Delivered` ⇒ received exactly once; `Lost` (a sure loss) ⇒ received by nobody;
 //! `Unknown` ⇒ received at most once. Exactly one outcome per receipt, none twice anywhere.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
-use forkbus_router::sim::{Sim, SimConfig, SimRng};
+use common::{cases, random_tree};
+use forkbus_router::sim::{Sim, SimConfig};
 use forkbus_router::{
     Destination, Error, Event, Fate, LossReason, MessageId, SendOptions, UnknownReason,
 };
 use proptest::prelude::*;
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn random_tree(sim: &mut Sim, n: usize, seed: u64) -> Vec<Option<usize>> {
-    let mut rng = SimRng::new(seed ^ 0x5eed);
-    let mut parents = vec![None];
-    sim.add_root().expect("valid config");
-    for i in 1..n {
-        let p = rng.below(i as u64) as usize;
-        sim.add_child(p).expect("valid config");
-        parents.push(Some(p));
-    }
-    parents
-}
 
 fn receipt() -> SendOptions {
     SendOptions {

@@ -3,28 +3,18 @@
 //! Every property runs random trees of 1–64 nodes under random traffic, with chunks split
 //! and delayed at random so links interleave in every order.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use forkbus_router::sim::{Sim, SimConfig, SimRng};
+use common::{cases, random_tree};
+use forkbus_router::sim::{Sim, SimConfig};
 use forkbus_router::{
     Address, Destination, DownCause, Error, Event, Fate, LinkId, LossReason, MessageId, NodeId,
     SendOptions, UnknownReason,
 };
 use proptest::prelude::*;
-
-/// Builds a random tree of `n` nodes; returns each node's parent.
-fn random_tree(sim: &mut Sim, n: usize, seed: u64) -> Vec<Option<usize>> {
-    let mut rng = SimRng::new(seed);
-    let mut parents = vec![None];
-    sim.add_root().expect("valid config");
-    for i in 1..n {
-        let p = rng.below(i as u64) as usize;
-        sim.add_child(p).expect("valid config");
-        parents.push(Some(p));
-    }
-    parents
-}
 
 fn depth(parents: &[Option<usize>], mut n: usize) -> usize {
     let mut d = 0;
@@ -117,14 +107,6 @@ fn expected_routes(sim: &Sim) -> Vec<Vec<(NodeId, LinkId)>> {
             first_hop.into_iter().collect()
         })
         .collect()
-}
-
-/// Cases per property: `PROPTEST_CASES` when set (for long runs), else the default.
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn check_bounds(sim: &Sim) {
