@@ -51,7 +51,6 @@ impl NodeConfig {
 
 /// Who a link led to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Relation {
     /// This process's parent.
     Parent,
@@ -143,7 +142,6 @@ pub enum Action {
 
 /// Why [`Node::submit`] refused an envelope.
 #[derive(Debug)]
-#[non_exhaustive]
 pub enum Refusal {
     /// The node is draining: nothing new is sent.
     Draining {

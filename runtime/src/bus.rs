@@ -1,6 +1,7 @@
-//! The bus: one per process, owning the router, the reactor, the children and the listeners.
+//! The bus: one per process, the driver of its node core (`forkbus_node::Node`): the
+//! reactor, the signalfd, `waitpid`, `fork` and the listeners.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -8,9 +9,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use forkbus_node::{Action, Control, Node, NodeConfig, NodeEvent, Refusal, Relation, Tally};
 use forkbus_router::{
-    Address, DownCause, Event, LinkDown, LinkId, LinkRole, MessageId, NodeId, Refused, Router,
-    RouterConfig, SendOptions, Timestamp,
+    Address, DownCause, Event, LinkId, MessageId, NodeId, Refused, Router, RouterConfig,
+    SendOptions, Timestamp,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -19,19 +21,18 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::ForkResult;
 use serde::Serialize;
 
-use crate::child::{Child, ChildTable, ExitStatus, Pid};
+use crate::child::{exit_of, Pid, PidExt};
 use crate::clock::{monotonic_now, nonce};
-use crate::control::{Control, Tally};
-use crate::drain::{Action, Drain, NodeState};
 use crate::error::{BusError, ForkError, NameError, SendError};
 use crate::handle::{BusHandle, Outgoing, Request};
-use crate::listener::{panic_message, Listener, ListenerId, ListenerSet, PeerShutdown, Relation};
+use crate::listener::{panic_message, Listener, ListenerId, ListenerSet};
 use crate::message::{encode_capped, Message};
 use crate::reactor::{
     FdCallback, FdId, FdReady, Interest, LinkSource, Reactor, Ready, Source, UserSource,
 };
 use crate::signals;
 use crate::timer::{TimerId, Timers};
+use forkbus_node::PeerShutdown;
 
 /// Exit code of a child whose parent link went down while it was not draining.
 pub const EXIT_PARENT_GONE: i32 = 1;
@@ -183,13 +184,10 @@ impl Descriptors {
     }
 }
 
-/// Things the loop reports outside the router's events, dispatched after them.
+/// Things the loop reports outside the node's events, dispatched after them.
 #[derive(Debug)]
 enum Internal {
-    /// A child was reaped: its pid, status, and the processes its subtree ever had.
-    ChildExit(Pid, ExitStatus, u64),
     Error(BusError),
-    Shutdown,
     Signal(i32),
     /// Work to run at the loop's top level (where listeners may be called).
     Deferred(Deferred),
@@ -204,16 +202,10 @@ impl std::fmt::Debug for Deferred {
     }
 }
 
-/// This process's parent, for a child.
-#[derive(Clone, Copy, Debug)]
-struct ParentInfo {
-    node: NodeId,
-    link: Option<LinkId>,
-}
-
 type TimerFn = Box<dyn FnOnce(&mut Bus)>;
 
-/// One process's bus: its router, its reactor, its children and its listeners.
+/// One process's bus: the driver of its node (router, children, drain), its reactor and
+/// its listeners.
 ///
 /// Create the root with [`Bus::root`] (before starting any thread), fork children with
 /// [`fork`](Self::fork) (each child gets a bus of its own, built fresh), then
@@ -221,16 +213,14 @@ type TimerFn = Box<dyn FnOnce(&mut Bus)>;
 pub struct Bus {
     config: BusConfig,
     me: NodeId,
-    router: Router,
+    /// The node core: router, children, drain, tally. Every decision is its.
+    node: Node,
     reactor: Reactor,
     signal_key: usize,
+    /// Each link's reactor key.
     links: HashMap<LinkId, usize>,
-    /// Links whose registration failed: their router teardown is not reported.
-    stillborn: Vec<LinkId>,
     /// I/O errors of links, reported with their peer shutdown.
     link_errors: Vec<(LinkId, BusError)>,
-    parent: Option<ParentInfo>,
-    children: ChildTable,
     listeners: ListenerSet<Box<dyn Listener>>,
     timers: Timers<TimerFn>,
     requests_tx: Sender<Request>,
@@ -242,7 +232,6 @@ pub struct Bus {
     /// Links the poller found writable, written by `drive` after the events.
     writable: Vec<LinkId>,
     internal: VecDeque<Internal>,
-    drain: Drain,
     stop: Option<Stop>,
     running: bool,
     /// Work is left over from the last iteration: do not sleep.
@@ -251,12 +240,6 @@ pub struct Bus {
     rbuf: Vec<u8>,
     scratch: Vec<u8>,
     exit_code: Option<i32>,
-    /// Tallies reported by children that exited.
-    subtree: Tally,
-    tallied: HashSet<Pid>,
-    /// Processes ever seen behind the links of children reaped before their link went down.
-    children_seen: HashMap<Pid, u64>,
-    lost_reports: u64,
     next_fd_serial: u64,
     span: tracing::Span,
     /// The signal mask to put back when the root bus is dropped.
@@ -272,12 +255,12 @@ impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bus")
             .field("node", &self.me)
-            .field("parent", &self.parent.map(|p| p.node))
-            .field("children", &self.children.len())
+            .field("parent", &self.node.parent())
+            .field("children", &self.node.children().len())
             .field("links", &self.links.len())
             .field("listeners", &self.listeners.len())
             .field("timers", &self.timers.len())
-            .field("draining", &!self.drain.is_running())
+            .field("draining", &self.node.is_draining())
             .finish_non_exhaustive()
     }
 }
@@ -305,11 +288,9 @@ impl Bus {
         link_fd: OwnedFd,
     ) -> io::Result<Self> {
         let mut bus = Self::start(config, incarnation)?;
-        let link = bus.add_link(link_fd, Some(parent), Relation::Parent)?;
-        bus.parent = Some(ParentInfo {
-            node: parent,
-            link: Some(link),
-        });
+        let now = bus.now();
+        let link = bus.node.join_parent(now, parent);
+        bus.register_link(link_fd, link, Some(parent), Relation::Parent)?;
         Ok(bus)
     }
 
@@ -332,14 +313,18 @@ impl Bus {
         };
         let me = NodeId::new(config.host, pid, incarnation);
         let name = config.name.clone();
+        let node_config = node_config(&config);
         let built = Router::new(me, config.router.clone())
             .map_err(io::Error::from)
-            .and_then(|router| Self::build(config, router));
+            .and_then(|router| Self::build(config, Node::new(router, node_config)));
         match built {
             Ok(mut bus) => {
                 bus.root_mask = Some(old_mask);
                 if let Some(name) = name {
-                    bus.router.register_name(&name).map_err(io::Error::from)?;
+                    bus.node
+                        .router_mut()
+                        .register_name(&name)
+                        .map_err(io::Error::from)?;
                 }
                 Ok(bus)
             }
@@ -351,27 +336,23 @@ impl Bus {
         }
     }
 
-    fn build(config: BusConfig, router: Router) -> io::Result<Self> {
-        let me = router.node();
+    fn build(config: BusConfig, node: Node) -> io::Result<Self> {
+        let me = node.node();
         let mut reactor = Reactor::new(config.events_capacity)?;
         let signal_key =
             reactor.insert(Source::Signal(signals::signalfd()?), Interest::READABLE)?;
         let (requests_tx, requests_rx) = unbounded();
         let (sends_tx, sends_rx) = bounded(config.handle_capacity.max(1));
         let span = tracing::info_span!(parent: None, "bus", pid = me.pid, node = %me);
-        let drain_timeout = config.drain_timeout;
         Ok(Self {
             rbuf: vec![0; config.read_buffer.max(4096)],
             config,
             me,
-            router,
+            node,
             reactor,
             signal_key,
             links: HashMap::new(),
-            stillborn: Vec::new(),
             link_errors: Vec::new(),
-            parent: None,
-            children: ChildTable::default(),
             listeners: ListenerSet::default(),
             timers: Timers::default(),
             requests_tx,
@@ -381,17 +362,12 @@ impl Bus {
             backlog: VecDeque::new(),
             writable: Vec::new(),
             internal: VecDeque::new(),
-            drain: Drain::new(drain_timeout, KILL_GRACE),
             stop: None,
             running: false,
             busy: false,
             now: monotonic_now(),
             scratch: Vec::new(),
             exit_code: None,
-            subtree: Tally::default(),
-            tallied: HashSet::new(),
-            children_seen: HashMap::new(),
-            lost_reports: 0,
             next_fd_serial: 0,
             span,
             root_mask: None,
@@ -416,35 +392,32 @@ impl Bus {
 
     /// The parent's node, for a child.
     pub fn parent(&self) -> Option<NodeId> {
-        self.parent.map(|p| p.node)
+        self.node.parent()
     }
 
     /// Whether this is the root of its tree.
     pub fn is_root(&self) -> bool {
-        self.parent.is_none()
+        self.node.parent().is_none()
     }
 
     /// The children alive or not yet reaped, by pid.
     pub fn children(&self) -> Vec<Pid> {
-        self.children.pids()
+        self.node.children()
     }
 
     /// The node of a child.
     pub fn child_node(&self, pid: Pid) -> Option<NodeId> {
-        self.children
-            .iter()
-            .find(|(p, _)| *p == pid)
-            .map(|(_, c)| c.node)
+        self.node.child(pid).map(|c| c.node)
     }
 
     /// The routing core, for views (routes, link statistics, counters).
     pub fn router(&self) -> &Router {
-        &self.router
+        self.node.router()
     }
 
     /// Whether a graceful shutdown is draining this node.
     pub fn is_stopping(&self) -> bool {
-        !self.drain.is_running()
+        self.node.is_draining()
     }
 
     /// Now, as the loop sees it (`CLOCK_MONOTONIC`).
@@ -455,9 +428,7 @@ impl Bus {
 
     /// This node's own counts so far plus the tallies its exited children reported.
     pub fn tally(&self) -> Tally {
-        let mut t = Tally::of_node(&self.router.stats(), self.lost_reports, self.router.held());
-        t += self.subtree;
-        t
+        self.node.tally()
     }
 
     /// The descriptors this bus holds.
@@ -468,7 +439,13 @@ impl Bus {
         for (_, s) in &self.reactor.sources {
             match s {
                 Source::Signal(fd) => signal = fd.as_raw_fd(),
-                Source::Link(l) => links.push((l.fd.as_raw_fd(), l.relation)),
+                Source::Link(l) => {
+                    let relation = self
+                        .node
+                        .link(l.link)
+                        .map_or(Relation::Attached, |i| i.relation);
+                    links.push((l.fd.as_raw_fd(), relation));
+                }
                 Source::User(u) => user.push(u.fd.as_raw_fd()),
             }
         }
@@ -541,9 +518,6 @@ impl Bus {
         payload: Vec<u8>,
         options: SendOptions,
     ) -> Result<MessageId, (SendError, Vec<u8>)> {
-        if self.is_stopping() {
-            return Err((SendError::ShuttingDown, payload));
-        }
         // The router uses the time only for a trace's first hop and a receipt's deadline:
         // read the clock for those, and take the loop's time of this wake-up otherwise (a
         // clock read per send was 6 % of a sender's time in the 64 B stream).
@@ -552,9 +526,10 @@ impl Bus {
         } else {
             self.now
         };
-        match self.router.submit(now, to, payload, options) {
+        match self.node.submit(now, to, payload, options) {
             Ok(id) => Ok(id),
-            Err(Refused { error, payload }) => {
+            Err(Refusal::Draining { payload }) => Err((SendError::ShuttingDown, payload)),
+            Err(Refusal::Router(Refused { error, payload })) => {
                 let peer = match &error {
                     forkbus_router::Error::QueueFull { link } => self.peer_of(*link),
                     _ => None,
@@ -565,34 +540,42 @@ impl Bus {
     }
 
     fn peer_of(&self, link: LinkId) -> Option<NodeId> {
-        self.router.link_stats(link).ok().and_then(|s| s.peer)
+        self.node
+            .router()
+            .link_stats(link)
+            .ok()
+            .and_then(|s| s.peer)
     }
 
     /// Registers a name for this node, announced to the whole tree. Names are unique: a
     /// name another node holds is refused ([`NameError::Taken`]).
     pub fn register_name(&mut self, name: &str) -> Result<(), NameError> {
-        self.router
+        self.node
+            .router_mut()
             .register_name(name)
             .map_err(NameError::from_router)
     }
 
     /// Gives up a name.
     pub fn unregister_name(&mut self, name: &str) -> Result<(), NameError> {
-        self.router
+        self.node
+            .router_mut()
             .unregister_name(name)
             .map_err(NameError::from_router)
     }
 
     /// Joins a group, announced to the whole tree.
     pub fn join_group(&mut self, group: &str) -> Result<(), NameError> {
-        self.router
+        self.node
+            .router_mut()
             .join_group(group)
             .map_err(NameError::from_router)
     }
 
     /// Leaves a group.
     pub fn leave_group(&mut self, group: &str) -> Result<(), NameError> {
-        self.router
+        self.node
+            .router_mut()
             .leave_group(group)
             .map_err(NameError::from_router)
     }
@@ -600,14 +583,15 @@ impl Bus {
     /// Holds `name` in custody for a down worker (supervision's
     /// [`WhileDown::Queue`](crate::supervisor::WhileDown::Queue)).
     pub(crate) fn hold_name(&mut self, name: &str, capacity: usize) -> Result<(), NameError> {
-        self.router
+        self.node
+            .router_mut()
             .hold_name(name, capacity)
             .map_err(NameError::from_router)
     }
 
     /// Gives up a name held in custody: what it held is reported lost to its origins.
     pub(crate) fn release_held_name(&mut self, name: &str) {
-        let _ = self.router.unregister_name(name);
+        let _ = self.node.router_mut().unregister_name(name);
     }
 
     // -----------------------------------------------------------------------------------
@@ -716,40 +700,25 @@ impl Bus {
     /// `peer`, when given, is the node the hello must name. A peer link speaks for its own
     /// neighbour only: the neighbour is reachable from this node when the tree does not know
     /// it already, and its traffic is delivered here, not routed on (see
-    /// [`LinkRole::Peer`]).
+    /// [`LinkRole::Peer`](forkbus_router::LinkRole::Peer)).
     pub fn attach_link(&mut self, fd: OwnedFd, peer: Option<NodeId>) -> io::Result<LinkId> {
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
         let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
         flags.insert(nix::fcntl::OFlag::O_NONBLOCK);
         nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
-        self.add_link(fd, peer, Relation::Attached)
-    }
-
-    fn add_link(
-        &mut self,
-        fd: OwnedFd,
-        peer: Option<NodeId>,
-        relation: Relation,
-    ) -> io::Result<LinkId> {
         let now = self.now();
-        let role = match relation {
-            Relation::Parent => LinkRole::Parent,
-            Relation::Child(_) => LinkRole::Child,
-            Relation::Attached => LinkRole::Peer,
-        };
-        let link = self.router.handle_link_up(now, peer, role);
-        self.register_link(fd, link, peer, relation, false)
+        let link = self.node.attach(now, peer);
+        self.register_link(fd, link, peer, Relation::Attached)
     }
 
-    /// Registers the descriptor of a link the router has opened (`forked`: to a child
-    /// this process forked).
+    /// Registers the descriptor of a link the node has opened; a link whose descriptor
+    /// does not register is abandoned.
     fn register_link(
         &mut self,
         fd: OwnedFd,
         link: LinkId,
         peer: Option<NodeId>,
         relation: Relation,
-        forked: bool,
     ) -> io::Result<LinkId> {
         let now = self.now();
         let span = tracing::debug_span!(
@@ -759,8 +728,6 @@ impl Bus {
             fd,
             link,
             peer,
-            relation,
-            forked,
             writing: false,
             span,
         });
@@ -770,8 +737,7 @@ impl Bus {
                 Ok(link)
             }
             Err(e) => {
-                self.stillborn.push(link);
-                let _ = self.router.close_link(now, link);
+                self.node.abandon_link(now, link);
                 Err(e)
             }
         }
@@ -782,9 +748,8 @@ impl Bus {
     /// the routing table go over the wire; its route is usable at once.
     pub(crate) fn adopt_node(&mut self, fd: OwnedFd, pid: Pid, node: NodeId) -> io::Result<()> {
         let now = self.now();
-        let link = self.router.handle_link_up(now, Some(node), LinkRole::Child);
-        let link = self.register_link(fd, link, Some(node), Relation::Child(pid), false)?;
-        self.children.insert(pid, Child::new(node, link));
+        let link = self.node.adopt(now, pid, node);
+        self.register_link(fd, link, Some(node), Relation::Child(pid))?;
         Ok(())
     }
 
@@ -797,12 +762,18 @@ impl Bus {
     /// Queues a link-level control frame for a neighbour (a child by pid, or the parent);
     /// `false` when there is no open link to it.
     pub(crate) fn send_link_control(&mut self, to: Relation, code: u32, data: Vec<u8>) -> bool {
-        let link = match to {
-            Relation::Parent => self.parent.and_then(|p| p.link),
-            Relation::Child(pid) => self.children.get_mut(pid).and_then(|c| c.link),
-            Relation::Attached => None,
-        };
-        link.is_some_and(|l| self.router.send_control(l, code, data).is_ok())
+        self.node.send_control(to, code, data)
+    }
+
+    /// A process a service started without a link (a program run by `exec`): the drain
+    /// waits for it and kills it at its deadline.
+    pub(crate) fn hold_process(&mut self, pid: Pid) {
+        self.node.hold_process(pid);
+    }
+
+    /// A held process ended and its service is done with it.
+    pub(crate) fn release_process(&mut self, pid: Pid) {
+        self.node.release_process(pid);
     }
 
     /// Not part of the API: a test hook. Queues a well-formed link-level control frame of
@@ -876,7 +847,8 @@ impl Bus {
         let names: Vec<String> = options.name.iter().cloned().collect();
         // Names are unique: only a free name, one of this node's, or one a child of this
         // node holds (its replacement takes it over) may be given to the new child.
-        self.router
+        self.node
+            .router()
             .check_fork_names(&names)
             .map_err(|e| ForkError::Name(NameError::from_router(e)))?;
         let (ours, theirs) = socketpair(
@@ -885,7 +857,7 @@ impl Bus {
             None,
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         )?;
-        let incarnation = nonce(u32::try_from(self.children.len()).unwrap_or(0));
+        let incarnation = nonce(u32::try_from(self.node.children().len()).unwrap_or(0));
         let parent_pid = nix::unistd::getpid();
         // Whatever sits in the standard buffers would be written twice otherwise.
         let _ = io::stdout().flush();
@@ -906,11 +878,10 @@ impl Bus {
                 // knows this node and its table already (`Router::forked_child`), and this
                 // router knows the child's name at once.
                 let now = self.now();
-                let link = self.router.handle_fork(now, node, &names);
-                match self.register_link(ours, link, Some(node), Relation::Child(pid), true) {
-                    Ok(link) => {
+                let link = self.node.handle_fork(now, pid, node, &names);
+                match self.register_link(ours, link, Some(node), Relation::Child(pid)) {
+                    Ok(_) => {
                         tracing::debug!(parent: &self.span, child = %node, "forked");
-                        self.children.insert(pid, Child::new(node, link));
                         Ok(pid)
                     }
                     Err(e) => {
@@ -949,9 +920,9 @@ impl Bus {
         // sends have routes; the parent sends it nothing it knows already.
         let now = self.now();
         let names: Vec<String> = options.name.iter().cloned().collect();
-        let forked = self
-            .router
-            .forked_child(now, me, &names, config.router.clone());
+        let forked =
+            self.node
+                .forked_child(now, me, &names, config.router.clone(), node_config(&config));
         BUS_PID.store(pid, Ordering::SeqCst);
         // Close every descriptor of the parent's bus before opening ours, so no number is
         // closed twice.
@@ -969,24 +940,15 @@ impl Bus {
         }
         let built = forked
             .map_err(io::Error::from)
-            .and_then(|(router, link)| Self::build(config, router).map(|bus| (bus, link)));
+            .and_then(|(node, link)| Self::build(config, node).map(|bus| (bus, link)));
         let code = match built {
             Ok((fresh, link)) => {
                 let inherited = std::mem::replace(self, fresh);
                 // The parent's router, listeners, timers, queues and children: its memory,
                 // its destructors.
                 std::mem::forget(inherited);
-                self.parent = Some(ParentInfo {
-                    node: parent_node,
-                    link: None,
-                });
-                match self.register_link(link_fd, link, Some(parent_node), Relation::Parent, false)
-                {
-                    Ok(link) => {
-                        self.parent = Some(ParentInfo {
-                            node: parent_node,
-                            link: Some(link),
-                        });
+                match self.register_link(link_fd, link, Some(parent_node), Relation::Parent) {
+                    Ok(_) => {
                         // The name was registered by `forked_child`, before the child's
                         // first announcement.
                         self.run_child(child)
@@ -1013,8 +975,9 @@ impl Bus {
         if let Ok(Ok(Stop::Stopped)) = outcome {
             // Leaving on its own (not drained): its counts still go to the parent, so the
             // tree's tally counts it as reported.
-            let tally = self.tally();
-            self.report_tally(tally);
+            if let Some(link) = self.node.leave() {
+                self.flush_final(link);
+            }
         }
         match outcome {
             Ok(Ok(stop)) => match (self.exit_code, stop) {
@@ -1089,92 +1052,11 @@ impl Bus {
     }
 
     fn begin_drain(&mut self) {
-        self.start_drain(true);
-    }
-
-    /// Begins draining: on this node's own decision, or its parent's.
-    fn start_drain(&mut self, initiator: bool) {
         if self.is_stopping() {
             return;
         }
         self.now = monotonic_now();
-        tracing::info!(parent: &self.span, children = self.children.len(), initiator, "draining");
-        self.with_drain(|d, s| d.begin(s, initiator));
-        self.cancel_all_execs();
-        self.internal.push_back(Internal::Shutdown);
-    }
-
-    /// What the drain needs to know of this node now.
-    fn drain_children(&self) -> Vec<Pid> {
-        self.children
-            .iter()
-            .filter(|(_, c)| c.link.is_some())
-            .map(|(p, _)| p)
-            .collect()
-    }
-
-    /// Runs one input of the drain with this node's state, then carries out its actions.
-    fn with_drain(&mut self, input: impl FnOnce(&mut Drain, NodeState<'_>)) {
-        let children = self.drain_children();
-        let state = NodeState {
-            now: self.now,
-            children: &children,
-            no_children: self.children.is_empty() && self.execs.is_empty(),
-            idle: self.router.is_idle(),
-            rx: self.router.stats().rx_frames,
-        };
-        input(&mut self.drain, state);
-        let actions: Vec<Action> = self.drain.poll_actions().collect();
-        if !actions.is_empty() {
-            // Frames queued after this iteration's writes: write them before sleeping.
-            self.busy = true;
-        }
-        for a in actions {
-            match a {
-                Action::ToChild(pid, c) => {
-                    let (code, data) = c.encode();
-                    self.send_link_control(Relation::Child(pid), code, data);
-                }
-                Action::ToParent(c) => {
-                    let (code, data) = c.encode();
-                    self.send_link_control(Relation::Parent, code, data);
-                }
-                Action::KillChildren => {
-                    tracing::warn!(parent: &self.span, children = self.children.len(), "exit deadline passed: killing the children left");
-                    for pid in self.children.pids() {
-                        let _ = kill(pid.nix(), Signal::SIGKILL);
-                    }
-                    self.kill_all_execs();
-                }
-                Action::Finish => self.finish_drain(),
-            }
-        }
-    }
-
-    fn check_drain(&mut self) {
-        if !self.is_stopping() {
-            return;
-        }
-        self.with_drain(|d, s| d.tick(s));
-    }
-
-    fn finish_drain(&mut self) {
-        let tally = self.tally();
-        self.subtree = Tally::default();
-        self.tallied.clear();
-        tracing::info!(parent: &self.span, ?tally, "drained");
-        self.report_tally(tally);
-        self.stop = Some(Stop::Shutdown(tally));
-    }
-
-    /// Sends this process's last word, its subtree's tally, to the parent (a child about to
-    /// exit), and waits for the kernel to take it.
-    fn report_tally(&mut self, tally: Tally) {
-        if let Some(link) = self.parent.and_then(|p| p.link) {
-            let (code, data) = Control::Tally(tally).encode();
-            let _ = self.router.send_control(link, code, data);
-            self.flush_final(link);
-        }
+        self.node.begin_drain(self.now);
     }
 
     /// Writes a link's output before the process exits, waiting for the kernel to take it
@@ -1189,7 +1071,7 @@ impl Bus {
         let raw = src.fd.as_raw_fd();
         let deadline = monotonic_now() + FINAL_FLUSH;
         loop {
-            let Ok(buf) = self.router.pending_output(link) else {
+            let Ok(buf) = self.node.pending_output(link) else {
                 return;
             };
             if buf.is_empty() {
@@ -1197,7 +1079,7 @@ impl Bus {
             }
             match send(raw, buf, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => {
-                    let _ = self.router.advance_output(link, n);
+                    let _ = self.node.advance_output(link, n);
                 }
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => {
@@ -1224,28 +1106,23 @@ impl Bus {
         if self.busy || !self.internal.is_empty() || self.stop.is_some() {
             return Some(Duration::ZERO);
         }
-        let mut next = self.router.poll_timeout();
-        let mut consider = |t: Option<Timestamp>| {
-            if let Some(t) = t {
-                next = Some(next.map_or(t, |n| n.min(t)));
-            }
+        let next = match (self.node.poll_timeout(), self.timers.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        consider(self.timers.next_deadline());
-        consider(self.drain.poll_timeout());
         next.map(|t| t.saturating_duration_since(self.now))
     }
 
-    /// One pass of work that needs no waiting: timers, router timeouts, handle requests,
-    /// then writes and events until quiet, then the drain check.
+    /// One pass of work that needs no waiting: timers, the node's timeouts, handle
+    /// requests, then events and writes until quiet.
     fn tick(&mut self) {
         self.now = monotonic_now();
         self.fire_timers();
-        if self.router.poll_timeout().is_some_and(|t| t <= self.now) {
-            self.router.handle_timeout(self.now);
+        if self.node.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.node.handle_timeout(self.now);
         }
         self.take_requests();
         self.drive();
-        self.check_drain();
     }
 
     fn fire_timers(&mut self) {
@@ -1317,9 +1194,13 @@ impl Bus {
     fn drive(&mut self) {
         for _ in 0..MAX_ROUNDS {
             let mut any = false;
-            while let Some(event) = self.router.poll_event() {
+            while let Some(action) = self.node.poll_action() {
                 any = true;
-                self.on_router_event(event);
+                self.on_action(action);
+            }
+            while let Some(event) = self.node.poll_event() {
+                any = true;
+                self.on_node_event(event);
             }
             while let Some(event) = self.internal.pop_front() {
                 any = true;
@@ -1329,7 +1210,7 @@ impl Bus {
                 any = true;
                 self.flush_link(link);
             }
-            while let Some(link) = self.router.poll_transmit() {
+            while let Some(link) = self.node.poll_transmit() {
                 any = true;
                 self.flush_link(link);
             }
@@ -1377,12 +1258,12 @@ impl Bus {
             match recv(raw, &mut self.rbuf, MsgFlags::MSG_DONTWAIT) {
                 Ok(0) => {
                     tracing::debug!("end of file");
-                    let _ = self.router.handle_link_down(self.now, link);
+                    self.node.handle_link_closed(self.now, link);
                     return;
                 }
                 Ok(n) => {
                     if self
-                        .router
+                        .node
                         .handle_input(self.now, link, &self.rbuf[..n])
                         .is_err()
                     {
@@ -1396,7 +1277,7 @@ impl Bus {
                 Err(Errno::EAGAIN) => return,
                 Err(Errno::EINTR) => {}
                 Err(Errno::ECONNRESET) => {
-                    let _ = self.router.handle_link_down(self.now, link);
+                    self.node.handle_link_closed(self.now, link);
                     return;
                 }
                 Err(e) => {
@@ -1420,7 +1301,7 @@ impl Bus {
         let span = src.span.clone();
         let _entered = span.enter();
         let failed = loop {
-            let Ok(buf) = self.router.pending_output(link) else {
+            let Ok(buf) = self.node.pending_output(link) else {
                 return;
             };
             if buf.is_empty() {
@@ -1429,7 +1310,7 @@ impl Bus {
             match send(raw, buf, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => {
                     let all = n == buf.len();
-                    let _ = self.router.advance_output(link, n);
+                    let _ = self.node.advance_output(link, n);
                     if !all {
                         // The kernel took what it had room for: wait for writability.
                         break None;
@@ -1448,10 +1329,7 @@ impl Bus {
     }
 
     fn update_write_interest(&mut self, key: usize, link: LinkId) {
-        let want = self
-            .router
-            .pending_output(link)
-            .is_ok_and(|b| !b.is_empty());
+        let want = self.node.pending_output(link).is_ok_and(|b| !b.is_empty());
         let Some(Source::Link(src)) = self.reactor.sources.get_mut(key) else {
             return;
         };
@@ -1475,9 +1353,7 @@ impl Bus {
         if let Some(&key) = self.links.get(&link) {
             self.read_link(key, usize::MAX);
         }
-        if self.router.link_stats(link).is_ok() {
-            let _ = self.router.handle_link_down(self.now, link);
-        }
+        self.node.handle_link_closed(self.now, link);
     }
 
     fn link_failed(&mut self, link: LinkId, op: &'static str, e: Errno) {
@@ -1491,7 +1367,7 @@ impl Bus {
                 error: e.into(),
             },
         ));
-        let _ = self.router.handle_link_down(self.now, link);
+        self.node.handle_link_closed(self.now, link);
     }
 
     fn read_signals(&mut self) {
@@ -1524,13 +1400,13 @@ impl Bus {
 
     /// Reaps every child that ended (signals coalesce: look at all of them).
     fn reap_children(&mut self) {
-        for pid in self.children.pids() {
+        for pid in self.node.children() {
             loop {
                 match waitpid(pid.nix(), Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) => break,
                     Ok(status) => {
-                        if let Some(exit) = ExitStatus::from_wait(status) {
-                            self.child_exited(pid, exit);
+                        if let Some(exit) = exit_of(status) {
+                            self.child_reaped(pid, exit);
                         }
                         break;
                     }
@@ -1545,22 +1421,14 @@ impl Bus {
         self.reap_execs();
     }
 
-    fn child_exited(&mut self, pid: Pid, status: ExitStatus) {
-        let Some(child) = self.children.remove(pid) else {
-            return;
-        };
+    fn child_reaped(&mut self, pid: Pid, status: forkbus_node::ExitStatus) {
         tracing::debug!(%pid, %status, "child reaped");
-        if let Some(link) = child.link {
-            // Whatever the child wrote before it died is in the socket: take it first.
-            if let Some(&key) = self.links.get(&link) {
-                self.read_link(key, usize::MAX);
-            }
-            if self.router.link_stats(link).is_ok() {
-                let _ = self.router.handle_link_down(self.now, link);
-            }
+        // Whatever the child wrote before it died is in the socket: take it first.
+        let link = self.node.child(pid).and_then(|c| c.state.link());
+        if let Some(&key) = link.and_then(|l| self.links.get(&l)) {
+            self.read_link(key, usize::MAX);
         }
-        self.internal
-            .push_back(Internal::ChildExit(pid, status, child.seen));
+        self.node.handle_reaped(self.now, pid, status);
     }
 
     fn fire_fd(&mut self, r: Ready) {
@@ -1595,6 +1463,70 @@ impl Bus {
     // -----------------------------------------------------------------------------------
     // Events
 
+    fn on_action(&mut self, action: Action) {
+        match action {
+            Action::Kill(pid) => {
+                if !self.kill_exec_pid(pid) {
+                    tracing::warn!(parent: &self.span, %pid, "drain deadline passed: SIGKILL");
+                    let _ = kill(pid.nix(), Signal::SIGKILL);
+                }
+            }
+            other => tracing::debug!(action = ?other, "unhandled node action"),
+        }
+    }
+
+    fn on_node_event(&mut self, event: NodeEvent) {
+        match event {
+            NodeEvent::Router(event) => self.on_router_event(event),
+            NodeEvent::PeerShutdown(shutdown) => self.on_peer_shutdown(shutdown),
+            NodeEvent::ChildExit { pid, status } => {
+                self.emit("on_child_exit", |l, bus| l.on_child_exit(bus, pid, status));
+            }
+            NodeEvent::Control {
+                link,
+                from,
+                code,
+                data,
+            } => {
+                if !crate::supervisor::on_control(self, from.relation, from.forked, code, &data) {
+                    tracing::warn!(%link, code, relation = ?from.relation, "control frame refused");
+                    self.emit_error(
+                        &BusError::BadControl {
+                            peer: self.peer_of(link),
+                            code,
+                        },
+                        None,
+                    );
+                }
+            }
+            NodeEvent::BadControl { peer, code, .. } => {
+                self.emit_error(&BusError::BadControl { peer, code }, None);
+            }
+            NodeEvent::Draining => {
+                tracing::info!(parent: &self.span, "draining");
+                // Frames queued after this iteration's writes: write them before sleeping.
+                self.busy = true;
+                self.cancel_all_execs();
+                self.emit("on_shutdown", |l, bus| l.on_shutdown(bus));
+            }
+            NodeEvent::Drained(tally) => {
+                tracing::info!(parent: &self.span, ?tally, "drained");
+                // The tally is this process's last word to its parent: hand it to the
+                // kernel before the loop ends.
+                if let Some(link) = self.node.parent_link() {
+                    self.flush_final(link);
+                }
+                self.stop = Some(Stop::Shutdown(tally));
+            }
+            NodeEvent::ParentGone => {
+                if self.stop.is_none() {
+                    self.stop = Some(Stop::ParentGone);
+                }
+            }
+            other => tracing::debug!(event = ?other, "unhandled node event"),
+        }
+    }
+
     fn on_router_event(&mut self, event: Event) {
         match event {
             Event::Message { envelope, link } => {
@@ -1606,10 +1538,7 @@ impl Bus {
             }
             Event::Sent(id) => self.emit("on_sent", |l, bus| l.on_sent(bus, id)),
             Event::Delivered(id) => self.emit("on_delivered", |l, bus| l.on_delivered(bus, id)),
-            Event::Lost(report) => {
-                self.lost_reports += 1;
-                self.emit("on_lost", |l, bus| l.on_lost(bus, &report));
-            }
+            Event::Lost(report) => self.emit("on_lost", |l, bus| l.on_lost(bus, &report)),
             Event::LinkUp { link, peer } => {
                 if let Some(Source::Link(src)) = self
                     .links
@@ -1621,168 +1550,55 @@ impl Bus {
                 tracing::debug!(%link, %peer, "peer up");
                 self.emit("on_peer_up", |l, bus| l.on_peer_up(bus, peer));
             }
-            Event::LinkDown(down) => self.on_link_down(down),
             Event::LinkReady(_) => {
                 self.pump_handle_sends();
                 self.emit("on_send_ready", |l, bus| l.on_send_ready(bus));
             }
-            Event::Control { link, code, data } => self.on_control(link, code, &data),
             Event::NodeDown(node) => self.emit("on_node_down", |l, bus| l.on_node_down(bus, node)),
             other => tracing::debug!(event = ?other, "unhandled router event"),
         }
     }
 
-    fn on_link_down(&mut self, down: LinkDown) {
-        let LinkDown {
-            link,
-            peer,
-            cause,
-            lost,
-            nodes_ever,
-        } = down;
+    /// A link went down: its descriptor closes, its errors and its peer shutdown go to
+    /// the listeners.
+    fn on_peer_shutdown(&mut self, shutdown: PeerShutdown) {
+        let link = shutdown.link;
         let source = self
             .links
             .remove(&link)
             .and_then(|key| self.reactor.remove(key));
-        if let Some(at) = self.stillborn.iter().position(|l| *l == link) {
-            self.stillborn.swap_remove(at);
-            return;
-        }
-        let relation = match &source {
-            Some(Source::Link(l)) => l.relation,
-            _ => Relation::Attached,
-        };
         // Deregistered above; the descriptor closes here.
         drop(source);
-        tracing::debug!(%link, ?peer, ?cause, lost = lost.len(), "link down");
-        match relation {
-            Relation::Parent => {
-                if let Some(p) = &mut self.parent {
-                    p.link = None;
-                }
-                if self.stop.is_none() {
-                    self.stop = Some(Stop::ParentGone);
-                }
-            }
-            Relation::Child(pid) => {
-                match self.children.get_mut(pid) {
-                    Some(c) => {
-                        c.link = None;
-                        c.seen = nodes_ever;
-                    }
-                    None => {
-                        // Reaped first: the exit is on its way with what was known then.
-                        self.children_seen.insert(pid, nodes_ever);
-                    }
-                }
-                if self.is_stopping() {
-                    self.with_drain(|d, s| d.handle_child_gone(s, pid));
-                }
-            }
-            Relation::Attached => {}
-        }
+        tracing::debug!(%link, peer = ?shutdown.peer, cause = ?shutdown.cause, lost = shutdown.lost.len(), "link down");
         let mut errors = Vec::new();
         while let Some(at) = self.link_errors.iter().position(|(l, _)| *l == link) {
             errors.push(self.link_errors.swap_remove(at).1);
         }
-        match &cause {
+        match &shutdown.cause {
             DownCause::Protocol(error) => errors.push(BusError::Protocol {
-                peer,
+                peer: shutdown.peer,
                 link,
                 error: error.clone(),
             }),
-            DownCause::Overrun => errors.push(BusError::Overrun { peer }),
+            DownCause::Overrun => errors.push(BusError::Overrun {
+                peer: shutdown.peer,
+            }),
             _ => {}
         }
         for error in errors {
             self.emit_error(&error, None);
         }
-        let shutdown = PeerShutdown {
-            peer,
-            relation,
-            cause,
-            lost,
-        };
         self.emit("on_peer_shutdown", |l, bus| {
             l.on_peer_shutdown(bus, &shutdown)
         });
     }
 
-    /// A link-level control frame, taken only from the neighbour that may send it
-    /// (the drain's as `Control::from_parent`/`from_child` say, supervision frames as
-    /// `supervisor::on_control` says); anything else is a [`BusError::BadControl`] to the
-    /// listeners and otherwise ignored.
-    fn on_control(&mut self, link: LinkId, code: u32, data: &[u8]) {
-        let (relation, forked) = match self
-            .links
-            .get(&link)
-            .and_then(|k| self.reactor.sources.get(*k))
-        {
-            Some(Source::Link(l)) => (l.relation, l.forked),
-            _ => return,
-        };
-        if crate::supervisor::is_control(code)
-            && crate::supervisor::on_control(self, relation, forked, code, data)
-        {
-            return;
-        }
-        let control = match relation {
-            _ if !Control::is_drain_code(code) => None,
-            Relation::Parent => Control::from_parent(code, data),
-            Relation::Child(_) => Control::from_child(code, data),
-            Relation::Attached => None,
-        };
-        match (control, relation) {
-            (Some(Control::Drain), Relation::Parent) => self.start_drain(false),
-            (Some(Control::Probe(wave)), Relation::Parent) => {
-                if self.drain.is_running() {
-                    self.start_drain(false);
-                }
-                self.with_drain(|d, s| d.handle_probe(s, wave));
-            }
-            (Some(Control::Exit), Relation::Parent) => {
-                if self.drain.is_running() {
-                    self.start_drain(false);
-                }
-                self.with_drain(|d, s| d.handle_exit(s));
-            }
-            (Some(Control::Quiet { wave, still }), Relation::Child(pid)) => {
-                self.with_drain(|d, s| d.handle_quiet(s, pid, wave, still));
-            }
-            (Some(Control::Tally(t)), Relation::Child(pid)) => {
-                self.subtree += t;
-                self.tallied.insert(pid);
-            }
-            _ => {
-                tracing::warn!(%link, code, ?relation, forked, "control frame refused");
-                self.emit_error(
-                    &BusError::BadControl {
-                        peer: self.peer_of(link),
-                        code,
-                    },
-                    None,
-                );
-            }
-        }
-    }
-
     fn on_internal(&mut self, event: Internal) {
         match event {
-            Internal::ChildExit(pid, status, seen) => {
-                // Its link may have gone down after the reaping (then it told us now).
-                let seen = self.children_seen.remove(&pid).unwrap_or(0).max(seen);
-                // A child that exits without its tally takes its subtree's counts with it:
-                // every process the tree heard of behind it is unreported.
-                if !self.tallied.remove(&pid) {
-                    self.subtree.unreported += seen.max(1);
-                }
-                self.emit("on_child_exit", |l, bus| l.on_child_exit(bus, pid, status));
-            }
             Internal::Error(error) => {
                 tracing::warn!(%error, "bus error");
                 self.emit_error(&error, None);
             }
-            Internal::Shutdown => self.emit("on_shutdown", |l, bus| l.on_shutdown(bus)),
             Internal::Signal(signal) => self.emit("on_signal", |l, bus| l.on_signal(bus, signal)),
             Internal::Deferred(Deferred(work)) => work(self),
         }
@@ -1854,7 +1670,7 @@ impl Drop for Bus {
         }
         // Reap them, killing what does not end in time.
         let deadline = monotonic_now() + KILL_GRACE;
-        for pid in self.children.pids() {
+        for pid in self.node.children() {
             loop {
                 match waitpid(pid.nix(), Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) if monotonic_now() < deadline => {
@@ -1913,6 +1729,13 @@ fn close_all_but(keep: &[RawFd]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The node core's configuration from the bus's.
+fn node_config(config: &BusConfig) -> NodeConfig {
+    NodeConfig::default()
+        .drain_timeout(config.drain_timeout)
+        .kill_grace(KILL_GRACE)
 }
 
 /// Ends a forked child without unwinding into the caller's code.

@@ -20,6 +20,7 @@
 //!
 //! `examples/external_node.rs` is such a program, written against the public API only.
 
+use crate::child::PidExt;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};

@@ -68,9 +68,7 @@
 mod bus;
 mod child;
 mod clock;
-mod control;
 pub mod daemon;
-mod drain;
 mod error;
 pub mod exec;
 pub mod external;
@@ -88,12 +86,12 @@ mod timer;
 pub use bus::{
     Bus, BusConfig, Descriptors, ForkOptions, Stop, EXIT_OS_ERROR, EXIT_PANIC, EXIT_PARENT_GONE,
 };
-pub use child::{ExitStatus, Pid};
 pub use clock::monotonic_now;
-pub use control::Tally;
 pub use error::{BusError, DecodeError, ForkError, NameError, SendError};
+pub use forkbus_node::{ExitStatus, Pid, Tally};
+pub use forkbus_node::{PeerShutdown, Relation};
 pub use handle::BusHandle;
-pub use listener::{Listener, ListenerId, PeerShutdown, Relation};
+pub use listener::{Listener, ListenerId};
 pub use message::{decode, Message};
 pub use pool::{TaskId, TaskOutcome, TaskPool};
 pub use reactor::{describe_fd, FdId, FdReady, Interest};

@@ -2,14 +2,15 @@
 
 use std::fmt;
 
-use forkbus_router::{DownCause, LossReport, LostEnvelope, MessageId, NodeId};
+use forkbus_node::PeerShutdown;
+use forkbus_router::{LossReport, MessageId, NodeId};
 
 use crate::bus::Bus;
-use crate::child::{ExitStatus, Pid};
 use crate::error::BusError;
 use crate::message::Message;
 use crate::pool::TaskOutcome;
 use crate::supervisor::{StopRequest, SupervisionEvent};
+use forkbus_node::{ExitStatus, Pid};
 
 /// Receives what happens on the bus. Every method does nothing by default.
 ///
@@ -102,32 +103,6 @@ pub trait Listener {
     fn on_task(&mut self, bus: &mut Bus, outcome: &TaskOutcome) {
         let _ = (bus, outcome);
     }
-}
-
-/// Who a link led to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Relation {
-    /// This process's parent.
-    Parent,
-    /// A child of this process.
-    Child(Pid),
-    /// A descriptor attached with [`Bus::attach_link`].
-    Attached,
-}
-
-/// A neighbour went away: who, why, and what it lost.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct PeerShutdown {
-    /// The neighbour, when known.
-    pub peer: Option<NodeId>,
-    /// How it was related to this process.
-    pub relation: Relation,
-    /// Why the link went down.
-    pub cause: DownCause,
-    /// Every envelope queued for it or written and not acknowledged, whole, in link order.
-    pub lost: Vec<LostEnvelope>,
 }
 
 /// A registered listener, for [`Bus::remove_listener`].

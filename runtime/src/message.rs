@@ -106,6 +106,7 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
 
 /// Encodes a value as CBOR into `scratch` (reused, so it grows once) and returns an exactly
 /// sized copy for the envelope.
+#[cfg(test)]
 pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
     scratch: &mut Vec<u8>,

@@ -42,7 +42,6 @@ use slab::Slab;
 
 use crate::bus::Bus;
 use crate::error::SendError;
-use crate::listener::Relation;
 
 /// What a registered descriptor should be watched for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -101,11 +100,6 @@ pub(crate) struct LinkSource {
     pub(crate) fd: OwnedFd,
     pub(crate) link: LinkId,
     pub(crate) peer: Option<NodeId>,
-    pub(crate) relation: Relation,
-    /// The peer is a child this process forked (not a program started with
-    /// `Bus::exec_node`). Kept here rather than in the child table: the frames a child
-    /// wrote before it died are read when it is reaped, after it left the table.
-    pub(crate) forked: bool,
     /// Write interest is registered.
     pub(crate) writing: bool,
     pub(crate) span: tracing::Span,

@@ -12,8 +12,8 @@ use nix::errno::Errno;
 
 #[cfg(doc)]
 use crate::bus::Bus;
-use crate::child::{ExitStatus, Pid};
 use crate::identity::IdentityError;
+use forkbus_node::{ExitStatus, Pid};
 
 #[cfg(doc)]
 use super::{Command, Input};

@@ -5,6 +5,7 @@
 //! [`Bus::cancel_exec`], the `SIGCHLD` reaping, the shutdown hooks) that delivers the
 //! [`ExecOutput`] once the exit is known and both pipes are closed.
 
+use crate::child::PidExt;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
@@ -18,9 +19,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 use crate::bus::Bus;
-use crate::child::{ExitStatus, Pid};
 use crate::reactor::{FdId, Interest};
 use crate::timer::TimerId;
+use forkbus_node::{ExitStatus, Pid};
 
 use super::spawn::{reap_blocking, start, Started};
 use super::{Command, ExecError, ExecId, ExecOutput, Input, Intervention, Stream};
@@ -130,12 +131,7 @@ pub(crate) struct ExecTable {
     rbuf: Vec<u8>,
 }
 
-impl ExecTable {
-    /// Whether no program is running or awaiting its result.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.running.is_empty()
-    }
-}
+impl ExecTable {}
 
 impl Bus {
     /// Runs an external program; `done` gets its [`ExecOutput`] from the loop once it has
@@ -210,6 +206,7 @@ impl Bus {
         }
         tracing::debug!(%id, %pid, program = ?command.program, "exec started");
         self.execs.running.insert(id, entry);
+        self.hold_process(pid);
         Ok(id)
     }
 
@@ -312,12 +309,16 @@ impl Bus {
         }
     }
 
-    /// The drain deadline passed: `SIGKILL` to every program still running.
-    pub(crate) fn kill_all_execs(&mut self) {
-        let ids: Vec<ExecId> = self.execs.running.keys().copied().collect();
-        for id in ids {
-            self.kill_exec(id);
-        }
+    /// The drain deadline passed for the program with this pid: `SIGKILL` it; `false`
+    /// when no program has this pid.
+    pub(crate) fn kill_exec_pid(&mut self, pid: Pid) -> bool {
+        let id = self
+            .execs
+            .running
+            .iter()
+            .find(|(_, r)| r.pid == pid)
+            .map(|(id, _)| *id);
+        id.inspect(|id| self.kill_exec(*id)).is_some()
     }
 
     /// The bus is dropped: kill and reap every program still running (no callback runs).
@@ -347,7 +348,7 @@ impl Bus {
             let life = loop {
                 match waitpid(pid.nix(), Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) => break None,
-                    Ok(status) => break ExitStatus::from_wait(status).map(Life::Exited),
+                    Ok(status) => break crate::child::exit_of(status).map(Life::Exited),
                     Err(Errno::EINTR) => {}
                     Err(Errno::ECHILD) => {
                         tracing::warn!(%id, %pid, "a program was reaped by someone else: its exit is unknown");
@@ -529,6 +530,7 @@ impl Bus {
         let Some(mut r) = self.execs.running.remove(&id) else {
             return;
         };
+        self.release_process(r.pid);
         for timer in [r.timeout_timer, r.kill_timer, r.pipe_timer]
             .into_iter()
             .flatten()

@@ -13,8 +13,9 @@ use forkbus_router::Timestamp;
 use super::proto::Frame;
 use super::types::{StopReason, StopRequest};
 use crate::bus::Bus;
-use crate::listener::{panic_message, Listener, Relation};
+use crate::listener::{panic_message, Listener};
 use crate::message::Message;
+use forkbus_node::Relation;
 
 /// Set when this process was asked to stop (by its supervisor, or by a tree shutdown).
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);

@@ -30,7 +30,7 @@ use super::types::{
     AfterExit, ChildId, ChildOutcome, ChildRef, ChildSpec, Finish, KillReason, Restart,
     StartReason, StopReason, StopRequest, SupervisionEvent, SupervisorId,
 };
-use crate::child::{ExitStatus, Pid};
+use forkbus_node::{ExitStatus, Pid};
 
 /// A process to fork for a child.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -89,6 +89,7 @@ mod policy;
 mod proto;
 mod types;
 
+use crate::child::PidExt;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -108,10 +109,11 @@ pub(crate) use agent::JobFn;
 
 use self::core::{Core, Effects, ForkOrder, ReloadRefusal};
 use crate::bus::{Bus, ForkOptions};
-use crate::child::{ExitStatus, Pid};
-use crate::listener::{Listener, Relation};
+use crate::listener::Listener;
 use crate::pool::{PoolState, TaskOutcome};
 use crate::timer::TimerId;
+use forkbus_node::Relation;
+use forkbus_node::{ExitStatus, Pid};
 use proto::Frame;
 
 /// The closure every process of a child runs.
@@ -637,11 +639,6 @@ impl Listener for SupervisorListener {
             bus.release_held_name(&name);
         }
     }
-}
-
-/// Whether a link control code is supervision's.
-pub(crate) fn is_control(code: u32) -> bool {
-    proto::is_supervision(code)
 }
 
 /// A supervision control frame from a neighbour (`forked`: a child this process forked,

@@ -34,7 +34,8 @@ pub(crate) const JOB: u32 = BASE + 7;
 pub(crate) const RESULT: u32 = BASE + 8;
 
 /// Whether a control code belongs to supervision.
-pub(crate) fn is_supervision(code: u32) -> bool {
+#[cfg(test)]
+fn is_supervision(code: u32) -> bool {
     (PING..=RESULT).contains(&code)
 }
 

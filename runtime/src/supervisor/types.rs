@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use super::policy::{Backoff, Intensity, MaxRequests};
-use crate::child::{ExitStatus, Pid};
+use forkbus_node::{ExitStatus, Pid};
 
 /// A supervisor of this process, for [`Supervisor`](super::Supervisor) and events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
