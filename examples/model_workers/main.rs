@@ -84,7 +84,9 @@ struct Args {
     seed: u64,
 }
 
-fn parse_args() -> Result<Option<Args>, String> {
+/// The flags, or `None` for `--help`.
+fn parse_args() -> Result<Option<Args>, lexopt::Error> {
+    use lexopt::prelude::*;
     let mut a = Args {
         shards: 2,
         workers: 3,
@@ -98,36 +100,42 @@ fn parse_args() -> Result<Option<Args>, String> {
     };
     let mut kill = true;
     let mut kill_at = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| -> Result<u64, String> {
-            let v = it.next().ok_or(format!("{name} needs a value"))?;
-            v.parse()
-                .map_err(|_| format!("{name}: not a number: {v:?}"))
-        };
-        match flag.as_str() {
-            "--help" | "-h" => return Ok(None),
-            "--shards" => a.shards = usize::try_from(value("--shards")?).unwrap_or(usize::MAX),
-            "--workers" => a.workers = usize::try_from(value("--workers")?).unwrap_or(usize::MAX),
-            "--requests" => a.requests = value("--requests")?,
-            "--window" => a.window = usize::try_from(value("--window")?).unwrap_or(usize::MAX),
-            "--trace-every" => a.trace_every = value("--trace-every")?,
-            "--kill-at" => kill_at = Some(value("--kill-at")?),
-            "--hang-ms" => a.hang_ms = value("--hang-ms")?,
-            "--backoff-ms" => a.backoff_ms = value("--backoff-ms")?,
-            "--no-kill" => kill = false,
-            "--seed" => a.seed = value("--seed")?,
-            other => return Err(format!("unknown flag {other:?} (try --help)")),
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("shards") => a.shards = number(&mut p, "--shards")?,
+            Long("workers") => a.workers = number(&mut p, "--workers")?,
+            Long("requests") => a.requests = number(&mut p, "--requests")?,
+            Long("window") => a.window = number(&mut p, "--window")?,
+            Long("trace-every") => a.trace_every = number(&mut p, "--trace-every")?,
+            Long("kill-at") => kill_at = Some(number(&mut p, "--kill-at")?),
+            Long("hang-ms") => a.hang_ms = number(&mut p, "--hang-ms")?,
+            Long("backoff-ms") => a.backoff_ms = number(&mut p, "--backoff-ms")?,
+            Long("no-kill") => kill = false,
+            Long("seed") => a.seed = number(&mut p, "--seed")?,
+            _ => return Err(arg.unexpected()),
         }
     }
     if a.shards == 0 || a.workers == 0 || a.requests == 0 || a.window == 0 {
         return Err("--shards, --workers, --requests and --window must be positive".into());
     }
-    if a.shards * a.workers > 512 {
+    if a.shards.saturating_mul(a.workers) > 512 {
         return Err("at most 512 workers, please".into());
     }
     a.kill_at = kill.then(|| kill_at.unwrap_or(a.requests * 7 / 10));
     Ok(Some(a))
+}
+
+/// The value of `flag`, a number.
+fn number<T>(p: &mut lexopt::Parser, flag: &str) -> Result<T, lexopt::Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    use lexopt::ValueExt as _;
+    let v = p.value()?.string()?;
+    v.parse().map_err(|e| format!("{flag} {v:?}: {e}").into())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1068,7 +1076,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             return Ok(());
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("model_workers: {e} (try --help)");
             std::process::exit(2);
         }
     };
