@@ -404,35 +404,59 @@ fn print_tree(st: &State, tags: &[u32], depth: usize) {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// The flags (`--depth`, `--fanout`, whether to add the redundant link), or `None` for
+/// `--help`.
+fn parse_args() -> Result<Option<(u32, u32, bool)>, lexopt::Error> {
+    use lexopt::prelude::*;
     let (mut depth, mut fanout, mut cycle) = (3u32, 3u32, true);
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--depth" => {
-                depth = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--depth N")?
-            }
-            "--fanout" => {
-                fanout = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--fanout N")?
-            }
-            "--no-cycle" => cycle = false,
-            "--help" | "-h" => {
-                println!("{HELP}");
-                return Ok(());
-            }
-            other => return Err(format!("unknown flag {other:?} (try --help)").into()),
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("depth") => depth = number(&mut p, "--depth")?,
+            Long("fanout") => fanout = number(&mut p, "--fanout")?,
+            Long("no-cycle") => cycle = false,
+            _ => return Err(arg.unexpected()),
         }
     }
-    let total: u32 = (1..=depth).map(|d| fanout.saturating_pow(d)).sum();
-    if depth == 0 || fanout == 0 || total > 400 {
+    if depth == 0 || fanout == 0 || depth > 400 || below_root(depth, fanout) > 400 {
         return Err("--depth and --fanout must be positive, 400 processes at most".into());
     }
+    Ok(Some((depth, fanout, cycle)))
+}
+
+/// The processes below the root of a tree `depth` levels deep with `fanout` children per
+/// inner node (at most `u32::MAX`).
+fn below_root(depth: u32, fanout: u32) -> u32 {
+    (1..=depth)
+        .map(|d| fanout.saturating_pow(d))
+        .fold(0, u32::saturating_add)
+}
+
+/// The value of `flag`, a number.
+fn number<T>(p: &mut lexopt::Parser, flag: &str) -> Result<T, lexopt::Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    use lexopt::ValueExt as _;
+    let v = p.value()?.string()?;
+    v.parse().map_err(|e| format!("{flag} {v:?}: {e}").into())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (depth, fanout, cycle) = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{HELP}");
+            return Ok(());
+        }
+        Err(e) => {
+            eprintln!("broadcast_trace: {e} (try --help)");
+            std::process::exit(2);
+        }
+    };
+    let total = below_root(depth, fanout);
     // The redundant link joins the first and the last leaf (none if they are the same).
     let first = vec!["1"; depth as usize].join(".");
     let last = vec![fanout.to_string(); depth as usize].join(".");

@@ -13,6 +13,13 @@ use std::time::Instant;
 
 use forkbus::{Bus, BusConfig, ForkOptions, Listener, Message, Pid, SendOptions, Stop};
 
+const HELP: &str = "\
+pingpong: round trips of a 64-byte payload between the root and one child
+
+USAGE: pingpong [ROUNDS]
+
+  ROUNDS   round trips, at least 1  [10000]";
+
 struct Pong;
 
 impl Listener for Pong {
@@ -36,12 +43,37 @@ impl Listener for Ping {
     }
 }
 
+/// The rounds, or `None` for `--help`.
+fn parse_args() -> Result<Option<u64>, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut rounds = None;
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Value(v) if rounds.is_none() => {
+                let v = v.string()?;
+                let n: u64 = v.parse().map_err(|e| format!("ROUNDS {v:?}: {e}"))?;
+                rounds = Some(n);
+            }
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(Some(rounds.unwrap_or(10_000).max(1)))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let rounds: u64 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(10_000)
-        .max(1);
+    let rounds = match parse_args() {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            println!("{HELP}");
+            return Ok(());
+        }
+        Err(e) => {
+            eprintln!("pingpong: {e} (try --help)");
+            std::process::exit(2);
+        }
+    };
     let mut bus = Bus::root(BusConfig::default())?;
     let child: Pid = bus.fork(ForkOptions::named("pong"), |bus| {
         bus.add_listener(0, Pong);

@@ -117,7 +117,9 @@ struct Args {
     exit_after: Duration,
 }
 
-fn parse_args() -> Result<Option<Args>, String> {
+/// The flags, or `None` for `--help`.
+fn parse_args() -> Result<Option<Args>, lexopt::Error> {
+    use lexopt::prelude::*;
     let mut a = Args {
         port: 0,
         workers: 4,
@@ -128,25 +130,19 @@ fn parse_args() -> Result<Option<Args>, String> {
         exit_after: Duration::ZERO,
     };
     let mut jitter = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| -> Result<u64, String> {
-            let v = it.next().ok_or(format!("{name} needs a value"))?;
-            v.parse()
-                .map_err(|_| format!("{name}: not a number: {v:?}"))
-        };
-        match flag.as_str() {
-            "--help" | "-h" => return Ok(None),
-            "--port" => {
-                a.port = u16::try_from(value("--port")?).map_err(|_| "--port: too large")?;
-            }
-            "--workers" => a.workers = usize::try_from(value("--workers")?).unwrap_or(usize::MAX),
-            "--max-requests" => a.max_requests = value("--max-requests")?,
-            "--jitter" => jitter = Some(value("--jitter")?),
-            "--stats-every" => a.stats_every = Duration::from_millis(value("--stats-every")?),
-            "--stop-timeout" => a.stop_timeout = Duration::from_millis(value("--stop-timeout")?),
-            "--exit-after" => a.exit_after = Duration::from_millis(value("--exit-after")?),
-            other => return Err(format!("unknown flag {other:?} (try --help)")),
+    let ms = Duration::from_millis;
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("port") => a.port = number(&mut p, "--port")?,
+            Long("workers") => a.workers = number(&mut p, "--workers")?,
+            Long("max-requests") => a.max_requests = number(&mut p, "--max-requests")?,
+            Long("jitter") => jitter = Some(number(&mut p, "--jitter")?),
+            Long("stats-every") => a.stats_every = ms(number(&mut p, "--stats-every")?),
+            Long("stop-timeout") => a.stop_timeout = ms(number(&mut p, "--stop-timeout")?),
+            Long("exit-after") => a.exit_after = ms(number(&mut p, "--exit-after")?),
+            _ => return Err(arg.unexpected()),
         }
     }
     if a.workers == 0 || a.workers > 256 {
@@ -157,6 +153,17 @@ fn parse_args() -> Result<Option<Args>, String> {
     }
     a.jitter = jitter.unwrap_or(a.max_requests / 10);
     Ok(Some(a))
+}
+
+/// The value of `flag`, a number.
+fn number<T>(p: &mut lexopt::Parser, flag: &str) -> Result<T, lexopt::Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    use lexopt::ValueExt as _;
+    let v = p.value()?.string()?;
+    v.parse().map_err(|e| format!("{flag} {v:?}: {e}").into())
 }
 
 /// What the root and the workers say to each other over the bus.
@@ -893,7 +900,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             return Ok(());
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("prefork_http: {e} (try --help)");
             std::process::exit(2);
         }
     };

@@ -424,32 +424,61 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target"))
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// The flags (`--depth`, `--fanout`, `--burst`, `--out`), or `None` for `--help`.
+fn parse_args() -> Result<Option<(u32, u32, u32, PathBuf)>, lexopt::Error> {
+    use lexopt::prelude::*;
     let (mut depth, mut fanout, mut n_burst) = (2u32, 3u32, 200u32);
-    let mut out = target_dir();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut num = |flag: &str| -> Result<u32, String> {
-            args.next()
-                .and_then(|v| v.parse().ok())
-                .ok_or(format!("{flag} N"))
-        };
-        match a.as_str() {
-            "--depth" => depth = num("--depth")?,
-            "--fanout" => fanout = num("--fanout")?,
-            "--burst" => n_burst = num("--burst")?,
-            "--out" => out = args.next().map(PathBuf::from).ok_or("--out DIR")?,
-            "--help" | "-h" => {
-                println!("{HELP}");
-                return Ok(());
-            }
-            other => return Err(format!("unknown flag {other:?} (try --help)").into()),
+    let mut out = None;
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("depth") => depth = number(&mut p, "--depth")?,
+            Long("fanout") => fanout = number(&mut p, "--fanout")?,
+            Long("burst") => n_burst = number(&mut p, "--burst")?,
+            Long("out") => out = Some(PathBuf::from(p.value()?)),
+            _ => return Err(arg.unexpected()),
         }
     }
-    let total: u32 = (1..=depth).map(|d| fanout.saturating_pow(d)).sum();
-    if depth == 0 || fanout == 0 || total > 400 {
+    if depth == 0 || fanout == 0 || depth > 400 || below_root(depth, fanout) > 400 {
         return Err("--depth and --fanout must be positive, 400 processes at most".into());
     }
+    let out = out.unwrap_or_else(target_dir);
+    Ok(Some((depth, fanout, n_burst, out)))
+}
+
+/// The processes below the root of a tree `depth` levels deep with `fanout` children per
+/// inner node (at most `u32::MAX`).
+fn below_root(depth: u32, fanout: u32) -> u32 {
+    (1..=depth)
+        .map(|d| fanout.saturating_pow(d))
+        .fold(0, u32::saturating_add)
+}
+
+/// The value of `flag`, a number.
+fn number<T>(p: &mut lexopt::Parser, flag: &str) -> Result<T, lexopt::Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    use lexopt::ValueExt as _;
+    let v = p.value()?.string()?;
+    v.parse().map_err(|e| format!("{flag} {v:?}: {e}").into())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (depth, fanout, n_burst, out) = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{HELP}");
+            return Ok(());
+        }
+        Err(e) => {
+            eprintln!("tree_view: {e} (try --help)");
+            std::process::exit(2);
+        }
+    };
+    let total = below_root(depth, fanout);
 
     let mut config = BusConfig::default();
     config.name = Some("root".into());

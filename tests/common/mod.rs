@@ -497,12 +497,14 @@ pub fn shutdown_after_kills(mut bus: Bus, killed: u64) -> Result<(), String> {
     }
 }
 
-/// The newest modification time among an example's sources and the library's.
+/// The newest modification time among an example's sources and the library's. An example
+/// is `examples/<name>.rs` or, with modules of its own, the folder `examples/<name>/`.
 fn newest_source(example: &str) -> SystemTime {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut newest = SystemTime::UNIX_EPOCH;
     let mut visit = vec![
         root.join("examples").join(format!("{example}.rs")),
+        root.join("examples").join(example),
         root.join("Cargo.toml"),
         root.join("Cargo.lock"),
         root.join("src"),
