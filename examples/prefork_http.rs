@@ -55,9 +55,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use forkbus::supervisor::{hold_stop, release_stop, StopRequest};
+use forkbus::supervisor::{hold_stop, release_stop};
 use forkbus::{
-    to, Bus, BusConfig, ChildSpec, FdId, FdReady, Interest, Listener, Message, Stop,
+    to, Bus, BusConfig, ChildSpec, FdId, FdReady, Interest, Listener, Message, ServiceEvent, Stop,
     SupervisionEvent, Supervisor,
 };
 use nix::errno::Errno;
@@ -800,19 +800,21 @@ impl Listener for WorkerListener {
         }
     }
 
-    fn on_stopping(&mut self, bus: &mut Bus, request: &StopRequest) {
-        // Hold the stop until the last connection is closed (the sweep releases it).
-        hold_stop(bus);
-        close_listener(bus, &self.shared);
-        let now = Instant::now();
-        let mut w = self.shared.borrow_mut();
-        w.http.stopping = true;
-        w.stopping = Some(Stopping {
-            since: now,
-            grace: (request.deadline / 4).min(Duration::from_secs(1)),
-            hard: now + request.deadline * 3 / 4,
-            released: false,
-        });
+    fn on_service(&mut self, bus: &mut Bus, event: &ServiceEvent) {
+        if let ServiceEvent::Stopping(request) = event {
+            // Hold the stop until the last connection is closed (the sweep releases it).
+            hold_stop(bus);
+            close_listener(bus, &self.shared);
+            let now = Instant::now();
+            let mut w = self.shared.borrow_mut();
+            w.http.stopping = true;
+            w.stopping = Some(Stopping {
+                since: now,
+                grace: (request.deadline / 4).min(Duration::from_secs(1)),
+                hard: now + request.deadline * 3 / 4,
+                released: false,
+            });
+        }
     }
 
     fn on_shutdown(&mut self, bus: &mut Bus) {
@@ -827,7 +829,10 @@ impl Listener for WorkerListener {
 struct Root;
 
 impl Listener for Root {
-    fn on_supervision(&mut self, _bus: &mut Bus, event: &SupervisionEvent) {
+    fn on_service(&mut self, _bus: &mut Bus, event: &ServiceEvent) {
+        let ServiceEvent::Supervision(event) = event else {
+            return;
+        };
         match event {
             SupervisionEvent::Started {
                 pid, reason, limit, ..

@@ -15,9 +15,9 @@ pub use forkbus_router::{
     RouterConfig, SendOptions, Timestamp, UnknownReason,
 };
 pub use forkbus_runtime::{
-    monotonic_now, to, Bus, BusConfig, BusError, BusHandle, DecodeError, Descriptors, ExitStatus,
-    FdId, FdReady, ForkError, ForkOptions, Interest, Listener, ListenerId, Message, NameError,
-    PeerShutdown, Pid, Relation, SendError, Stop, Tally, TimerId,
+    monotonic_now, to, Bus, BusConfig, BusError, BusHandle, DecodeError, Descriptors, Event,
+    ExitStatus, FdId, FdReady, ForkError, ForkOptions, Interest, Listener, ListenerId, Message,
+    NameError, PeerShutdown, Pid, Relation, SendError, ServiceEvent, Stop, Tally, TimerId,
 };
 pub use forkbus_runtime::{
     pool, should_stop, supervisor, ChildSpec, Restart, SupervisionEvent, Supervisor, TaskId,

@@ -104,8 +104,8 @@ use common::{run_until, Driver, Harness, Orphans, RootEnd};
 use forkbus::supervisor::{Backoff, ChildId, WhileDown};
 use forkbus::{
     to, Address, Bus, BusConfig, BusError, ChildSpec, ExitStatus, Fate, ForkOptions, Listener,
-    LossReport, Message, MessageId, NodeId, Pid, Restart, SendError, SendOptions, Stop,
-    SupervisionEvent, Supervisor,
+    LossReport, Message, MessageId, NodeId, Pid, Restart, SendError, SendOptions, ServiceEvent,
+    Stop, SupervisionEvent, Supervisor,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -474,24 +474,26 @@ impl Listener for Ear {
         );
     }
 
-    fn on_supervision(&mut self, _bus: &mut Bus, event: &SupervisionEvent) {
-        let mut p = self.0.borrow_mut();
-        match event {
-            // Written before the new process's name can be announced (the announcement
-            // leaves with the next write): no sender can know it before this time.
-            SupervisionEvent::Started {
-                pid, generation, ..
-            } => {
-                let t = forkbus::monotonic_now().as_nanos();
-                logln!(p.log, "spawn {pid} {generation} {t}");
+    fn on_service(&mut self, _bus: &mut Bus, event: &ServiceEvent) {
+        if let ServiceEvent::Supervision(event) = event {
+            let mut p = self.0.borrow_mut();
+            match event {
+                // Written before the new process's name can be announced (the announcement
+                // leaves with the next write): no sender can know it before this time.
+                SupervisionEvent::Started {
+                    pid, generation, ..
+                } => {
+                    let t = forkbus::monotonic_now().as_nanos();
+                    logln!(p.log, "spawn {pid} {generation} {t}");
+                }
+                SupervisionEvent::GaveUp { child, restarts } => {
+                    logln!(
+                        p.log,
+                        "error gave up on {child:?} after {restarts} restarts"
+                    );
+                }
+                _ => {}
             }
-            SupervisionEvent::GaveUp { child, restarts } => {
-                logln!(
-                    p.log,
-                    "error gave up on {child:?} after {restarts} restarts"
-                );
-            }
-            _ => {}
         }
     }
 

@@ -25,7 +25,7 @@ use forkbus::exec::{
 use forkbus::runtime::identity::{Credentials, IdentityError, PrivilegeDrop};
 use forkbus::{
     to, Bus, BusConfig, BusError, ExitStatus, ForkOptions, Listener, LossReport, Message,
-    MessageId, NodeId, PeerShutdown, Pid, Relation, Stop, SupervisionEvent,
+    MessageId, NodeId, PeerShutdown, Pid, Relation, ServiceEvent, Stop, SupervisionEvent,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -979,8 +979,10 @@ impl Listener for ControlEar {
         }
     }
 
-    fn on_supervision(&mut self, _bus: &mut Bus, event: &SupervisionEvent) {
-        self.0.borrow_mut().supervision.push(event.clone());
+    fn on_service(&mut self, _bus: &mut Bus, event: &ServiceEvent) {
+        if let ServiceEvent::Supervision(event) = event {
+            self.0.borrow_mut().supervision.push(event.clone());
+        }
     }
 }
 

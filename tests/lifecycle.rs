@@ -703,6 +703,127 @@ fn loop_sources() -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------
+// One event stream: `run_with` hands messages, receipts, timers and errors to one closure
+// whose state is a plain local (no shared cell); listeners hear the same events first.
+
+/// What the root's `run_with` handler saw.
+#[derive(Debug, Default)]
+struct Stream {
+    replies: Vec<u32>,
+    delivered: usize,
+    timers: Vec<forkbus::TimerId>,
+    errors: Vec<String>,
+}
+
+struct TimerEar(Rc<RefCell<Vec<forkbus::TimerId>>>);
+
+impl Listener for TimerEar {
+    fn on_timer(&mut self, _bus: &mut Bus, timer: forkbus::TimerId) {
+        self.0.borrow_mut().push(timer);
+    }
+}
+
+fn one_event_stream() -> Result<(), String> {
+    std::panic::set_hook(Box::new(|info| eprintln!("  (expected) {info}")));
+    let mut bus = Bus::root(BusConfig::default()).map_err(|e| e.to_string())?;
+    let heard_timers = Rc::new(RefCell::new(Vec::new()));
+    bus.add_listener(0, TimerEar(heard_timers.clone()));
+    let echo = bus
+        .fork(ForkOptions::named("echo"), |bus| {
+            bus.add_listener(0, Echo);
+        })
+        .map_err(|e| e.to_string())?;
+    let receipt = forkbus::SendOptions {
+        receipt: true,
+        ..forkbus::SendOptions::default()
+    };
+    for n in 0..5u32 {
+        bus.send_with(echo, &Wire::Num(n), receipt)
+            .map_err(|e| e.to_string())?;
+    }
+    let tick = bus.timer(Duration::from_millis(20));
+    let cancelled = bus.timer(Duration::from_millis(10));
+    ensure(bus.cancel_timer(cancelled), || "cancel failed".into())?;
+    let deadline = bus.timer(Duration::from_secs(20));
+    let mut seen = Stream::default();
+    bus.run_with(|bus, event| {
+        match event {
+            forkbus::Event::Message(m) => {
+                if let Ok(Wire::Num(n)) = m.decode::<Wire>() {
+                    seen.replies.push(n);
+                }
+            }
+            forkbus::Event::Delivered(_) => seen.delivered += 1,
+            forkbus::Event::Timer(t) => {
+                seen.timers.push(t);
+                if t == deadline {
+                    bus.stop();
+                }
+            }
+            forkbus::Event::Error(e) => seen.errors.push(e.to_string()),
+            _ => {}
+        }
+        if seen.replies.len() == 5 && seen.delivered == 5 && seen.timers.contains(&tick) {
+            bus.stop();
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    ensure(seen.replies == [0, 1, 2, 3, 4], || {
+        format!("replies {:?}", seen.replies)
+    })?;
+    ensure(seen.delivered == 5, || {
+        format!("{} receipts", seen.delivered)
+    })?;
+    ensure(seen.timers == [tick], || {
+        format!(
+            "timers {:?} (tick {tick}, deadline {deadline})",
+            seen.timers
+        )
+    })?;
+    ensure(bus.cancel_timer(deadline), || "the deadline fired".into())?;
+    ensure(*heard_timers.borrow() == seen.timers, || {
+        "listeners heard other timers".into()
+    })?;
+    ensure(seen.errors.is_empty(), || {
+        format!("errors {:?}", seen.errors)
+    })?;
+    // A handler that panics is caught; the panic comes back to it as an error event, and the
+    // loop goes on.
+    bus.send(echo, &Wire::Num(7)).map_err(|e| e.to_string())?;
+    let mut after_panic = Vec::new();
+    let stop = bus.timer(Duration::from_secs(20));
+    bus.run_with(|bus, event| match event {
+        forkbus::Event::Message(_) => panic!("the handler panics on purpose"),
+        forkbus::Event::Error(e) => {
+            after_panic.push(e.to_string());
+            bus.stop();
+        }
+        forkbus::Event::Timer(t) if t == stop => bus.stop(),
+        _ => {}
+    })
+    .map_err(|e| e.to_string())?;
+    ensure(
+        after_panic.len() == 1 && after_panic[0].contains("panics on purpose"),
+        || format!("after the panic: {after_panic:?}"),
+    )?;
+    ensure(bus.cancel_timer(stop), || {
+        "the run ended by its deadline".into()
+    })?;
+    common::shutdown_after_kills(bus, 0)
+}
+
+/// Answers each number with the same number.
+struct Echo;
+
+impl Listener for Echo {
+    fn on_message(&mut self, bus: &mut Bus, msg: &Message) {
+        if let Ok(Wire::Num(n)) = msg.decode::<Wire>() {
+            let _ = bus.send(msg.origin(), &Wire::Num(n));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // A child whose closure panics exits non-zero and never returns into the caller.
 
 fn child_panics() -> Result<(), String> {
@@ -850,6 +971,11 @@ fn main() {
         "listeners_timers_fds",
         Duration::from_secs(60),
         loop_sources,
+    );
+    h.run(
+        "one_event_stream",
+        Duration::from_secs(60),
+        one_event_stream,
     );
     h.run(
         "child_closure_panics",

@@ -15,13 +15,12 @@ use std::time::{Duration, Instant};
 use common::{ensure, nix_pid, run_until, Harness, Orphans, RootEnd};
 use forkbus::pool::{PoolConfig, TaskOptions, TaskResult};
 use forkbus::supervisor::{
-    hold_stop, AfterExit, Backoff, ChildId, Finish, KillReason, StartReason, StopReason,
-    StopRequest, WhileDown,
+    hold_stop, AfterExit, Backoff, ChildId, Finish, KillReason, StartReason, StopReason, WhileDown,
 };
 use forkbus::{
     should_stop, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, Fate, ForkOptions, Listener,
-    LossReason, LossReport, Message, MessageId, NodeId, Pid, Restart, SendError, SupervisionEvent,
-    Supervisor, TaskId, TaskOutcome, TaskPool,
+    LossReason, LossReport, Message, MessageId, NodeId, Pid, Restart, SendError, ServiceEvent,
+    SupervisionEvent, Supervisor, TaskId, TaskOutcome, TaskPool,
 };
 use nix::sys::signal::{kill, Signal};
 use serde::{Deserialize, Serialize};
@@ -120,11 +119,19 @@ struct Heard {
 struct Ear(Rc<RefCell<Heard>>);
 
 impl Listener for Ear {
-    fn on_supervision(&mut self, _bus: &mut Bus, event: &SupervisionEvent) {
-        self.0
-            .borrow_mut()
-            .events
-            .push((Instant::now(), event.clone()));
+    fn on_service(&mut self, _bus: &mut Bus, event: &ServiceEvent) {
+        match event {
+            ServiceEvent::Supervision(event) => {
+                self.0
+                    .borrow_mut()
+                    .events
+                    .push((Instant::now(), event.clone()));
+            }
+            ServiceEvent::Task(outcome) => {
+                self.0.borrow_mut().tasks.push(outcome.clone());
+            }
+            _ => {}
+        }
     }
 
     fn on_message(&mut self, _bus: &mut Bus, msg: &Message) {
@@ -133,10 +140,6 @@ impl Listener for Ear {
                 self.0.borrow_mut().messages.push((msg.origin(), w));
             }
         }
-    }
-
-    fn on_task(&mut self, _bus: &mut Bus, outcome: &TaskOutcome) {
-        self.0.borrow_mut().tasks.push(outcome.clone());
     }
 }
 
@@ -1038,15 +1041,17 @@ struct Coop {
 }
 
 impl Listener for Coop {
-    fn on_stopping(&mut self, bus: &mut Bus, request: &StopRequest) {
-        let w = Wire::Stopping {
-            pid: bus.pid().as_raw(),
-            reason: format!("{:?}", request.reason),
-            flag: should_stop(),
-        };
-        let _ = bus.send(self.root, &w);
-        if self.hold {
-            hold_stop(bus);
+    fn on_service(&mut self, bus: &mut Bus, event: &ServiceEvent) {
+        if let ServiceEvent::Stopping(request) = event {
+            let w = Wire::Stopping {
+                pid: bus.pid().as_raw(),
+                reason: format!("{:?}", request.reason),
+                flag: should_stop(),
+            };
+            let _ = bus.send(self.root, &w);
+            if self.hold {
+                hold_stop(bus);
+            }
         }
     }
 }

@@ -42,7 +42,7 @@ use forkbus::supervisor::{AfterExit, Backoff, ChildId};
 use forkbus::{
     monotonic_now, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, Fate, ForkOptions, Listener,
     LossReport, Message, MessageId, NodeId, PeerShutdown, Relation, Restart, SendError,
-    SendOptions, Stop, SupervisionEvent, Supervisor, TimerId,
+    SendOptions, ServiceEvent, Stop, SupervisionEvent, Supervisor, TimerId,
 };
 use nix::sys::signal::{kill, Signal};
 use serde::{Deserialize, Serialize};
@@ -301,59 +301,61 @@ impl Listener for Shard {
         }
     }
 
-    fn on_supervision(&mut self, bus: &mut Bus, event: &SupervisionEvent) {
-        match event {
-            SupervisionEvent::Started {
-                child, generation, ..
-            } => {
-                self.generation.insert(child.child, *generation);
-            }
-            SupervisionEvent::Exited {
-                child,
-                pid,
-                status,
-                next,
-            } if !bus.is_stopping() => {
-                self.reaped
-                    .insert(child.child, (pid.as_raw(), Instant::now()));
-                let status = match status {
-                    ExitStatus::Code(c) => format!("exited with code {c}"),
-                    ExitStatus::Signal(9) => "killed by signal 9 (SIGKILL)".to_owned(),
-                    ExitStatus::Signal(s) => format!("killed by signal {s}"),
-                };
-                let next = match next {
-                    AfterExit::Restart { after } => {
-                        format!("restart in {} ms (backoff)", after.as_millis())
-                    }
-                    other => format!("{other:?}"),
-                };
-                let report = Wire::ChildExit {
-                    supervisor: self.name.clone(),
-                    pid: pid.as_raw(),
+    fn on_service(&mut self, bus: &mut Bus, event: &ServiceEvent) {
+        if let ServiceEvent::Supervision(event) = event {
+            match event {
+                SupervisionEvent::Started {
+                    child, generation, ..
+                } => {
+                    self.generation.insert(child.child, *generation);
+                }
+                SupervisionEvent::Exited {
+                    child,
+                    pid,
                     status,
                     next,
-                };
-                if let Err(e) = bus.send(Address::Pid(self.root), &report) {
-                    eprintln!("{}: cannot report a child exit: {e}", self.name);
+                } if !bus.is_stopping() => {
+                    self.reaped
+                        .insert(child.child, (pid.as_raw(), Instant::now()));
+                    let status = match status {
+                        ExitStatus::Code(c) => format!("exited with code {c}"),
+                        ExitStatus::Signal(9) => "killed by signal 9 (SIGKILL)".to_owned(),
+                        ExitStatus::Signal(s) => format!("killed by signal {s}"),
+                    };
+                    let next = match next {
+                        AfterExit::Restart { after } => {
+                            format!("restart in {} ms (backoff)", after.as_millis())
+                        }
+                        other => format!("{other:?}"),
+                    };
+                    let report = Wire::ChildExit {
+                        supervisor: self.name.clone(),
+                        pid: pid.as_raw(),
+                        status,
+                        next,
+                    };
+                    if let Err(e) = bus.send(Address::Pid(self.root), &report) {
+                        eprintln!("{}: cannot report a child exit: {e}", self.name);
+                    }
                 }
-            }
-            SupervisionEvent::Ready { child, pid } => {
-                let Some((old, at)) = self.reaped.remove(&child.child) else {
-                    return; // a first start
-                };
-                let report = Wire::Restarted {
-                    supervisor: self.name.clone(),
-                    name: self.sup.name(bus, child.child).unwrap_or_default(),
-                    old,
-                    new: pid.as_raw(),
-                    generation: self.generation.get(&child.child).copied().unwrap_or(0),
-                    down_us: u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX),
-                };
-                if let Err(e) = bus.send(Address::Pid(self.root), &report) {
-                    eprintln!("{}: cannot report a restart: {e}", self.name);
+                SupervisionEvent::Ready { child, pid } => {
+                    let Some((old, at)) = self.reaped.remove(&child.child) else {
+                        return; // a first start
+                    };
+                    let report = Wire::Restarted {
+                        supervisor: self.name.clone(),
+                        name: self.sup.name(bus, child.child).unwrap_or_default(),
+                        old,
+                        new: pid.as_raw(),
+                        generation: self.generation.get(&child.child).copied().unwrap_or(0),
+                        down_us: u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    };
+                    if let Err(e) = bus.send(Address::Pid(self.root), &report) {
+                        eprintln!("{}: cannot report a restart: {e}", self.name);
+                    }
                 }
+                _ => {}
             }
-            _ => {}
         }
     }
 

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use forkbus_node::{Action, Control, Node, NodeConfig, NodeEvent, Refusal, Relation, Tally};
+use forkbus_node::{Action, LinkInfo, Node, NodeConfig, NodeEvent, Refusal, Relation, Tally};
 use forkbus_router::{
-    Address, DownCause, Event, LinkId, MessageId, NodeId, Refused, Router, RouterConfig,
-    SendOptions, Timestamp,
+    Address, DownCause, Event as RouterEvent, LinkId, MessageId, NodeId, Refused, Router,
+    RouterConfig, SendOptions, Timestamp,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -24,12 +24,12 @@ use serde::Serialize;
 use crate::child::{exit_of, Pid, PidExt};
 use crate::clock::{monotonic_now, nonce};
 use crate::error::{BusError, ForkError, NameError, SendError};
+use crate::event::Event;
 use crate::handle::{BusHandle, Outgoing, Request};
-use crate::listener::{panic_message, Listener, ListenerId, ListenerSet};
+use crate::listener::{Listener, Services};
+use crate::listener_set::{panic_message, ListenerId, ListenerSet};
 use crate::message::{encode_capped, Message};
-use crate::reactor::{
-    FdCallback, FdId, FdReady, Interest, LinkSource, Reactor, Ready, Source, UserSource,
-};
+use crate::reactor::{FdId, FdReady, Interest, LinkSource, Ready, UserSource};
 use crate::signals;
 use crate::timer::{TimerId, Timers};
 use forkbus_node::PeerShutdown;
@@ -202,7 +202,22 @@ impl std::fmt::Debug for Deferred {
     }
 }
 
-type TimerFn = Box<dyn FnOnce(&mut Bus)>;
+/// The callback of a registered descriptor.
+type FdCallback = Box<dyn FnMut(&mut Bus, FdReady)>;
+/// The reactor of a bus: its sources' callbacks take the bus.
+type Reactor = crate::reactor::Reactor<FdCallback>;
+type Source = crate::reactor::Source<FdCallback>;
+
+/// [`Bus::run_with`]'s handler.
+type Handler<'h> = dyn FnMut(&mut Bus, Event) + 'h;
+
+/// What a timer does when it is due.
+enum TimerAction {
+    /// Runs a closure ([`Bus::add_timer`]).
+    Call(Box<dyn FnOnce(&mut Bus)>),
+    /// Emits [`Event::Timer`] ([`Bus::timer`]).
+    Event,
+}
 
 /// One process's bus: the driver of its node (router, children, drain), its reactor and
 /// its listeners.
@@ -222,7 +237,7 @@ pub struct Bus {
     /// I/O errors of links, reported with their peer shutdown.
     link_errors: Vec<(LinkId, BusError)>,
     listeners: ListenerSet<Box<dyn Listener>>,
-    timers: Timers<TimerFn>,
+    timers: Timers<TimerAction>,
     requests_tx: Sender<Request>,
     requests_rx: Receiver<Request>,
     sends_tx: Sender<Outgoing>,
@@ -245,10 +260,12 @@ pub struct Bus {
     /// The signal mask to put back when the root bus is dropped.
     root_mask: Option<SigSet>,
     owner: u32,
-    /// Programs started with `exec` (`crate::exec`).
-    pub(crate) execs: crate::exec::ExecTable,
-    /// Supervisors of this process, and its agent when it is a supervised worker.
-    pub(crate) supervision: crate::supervisor::Registry,
+    /// The runtime's services and their states.
+    services: Services,
+    /// [`run_with`](Self::run_with)'s handler is running: events are queued for it.
+    handler_active: bool,
+    /// Events for [`run_with`](Self::run_with)'s handler, in order.
+    for_handler: VecDeque<Event>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -372,8 +389,9 @@ impl Bus {
             span,
             root_mask: None,
             owner: me.pid,
-            execs: crate::exec::ExecTable::default(),
-            supervision: crate::supervisor::Registry::default(),
+            services: Services::with(crate::builtin_services()),
+            handler_active: false,
+            for_handler: VecDeque::new(),
         })
     }
 
@@ -580,8 +598,8 @@ impl Bus {
             .map_err(NameError::from_router)
     }
 
-    /// Holds `name` in custody for a down worker (supervision's
-    /// [`WhileDown::Queue`](crate::supervisor::WhileDown::Queue)).
+    /// Holds `name` in custody for a worker that is down ([`Router::hold_name`]), for the
+    /// services that restart workers under their names.
     pub(crate) fn hold_name(&mut self, name: &str, capacity: usize) -> Result<(), NameError> {
         self.node
             .router_mut()
@@ -623,7 +641,21 @@ impl Bus {
         at: Timestamp,
         callback: impl FnOnce(&mut Self) + 'static,
     ) -> TimerId {
-        self.timers.insert(at, Box::new(callback))
+        self.timers
+            .insert(at, TimerAction::Call(Box::new(callback)))
+    }
+
+    /// Sets a timer that is an event: [`Event::Timer`] with its id, `after` from now, to the
+    /// listeners ([`Listener::on_timer`]) and [`run_with`](Self::run_with)'s handler (so
+    /// that state shared with message handling needs no shared cell).
+    pub fn timer(&mut self, after: Duration) -> TimerId {
+        let at = self.now() + after;
+        self.timer_at(at)
+    }
+
+    /// [`timer`](Self::timer) at `at` (on [`monotonic_now`]'s clock).
+    pub fn timer_at(&mut self, at: Timestamp) -> TimerId {
+        self.timers.insert(at, TimerAction::Event)
     }
 
     /// Cancels a timer; `false` when it fired or was cancelled already.
@@ -765,6 +797,16 @@ impl Bus {
         self.node.send_control(to, code, data)
     }
 
+    /// A service's state in this bus, made on first use.
+    pub(crate) fn service_state<T: Default + 'static>(&mut self) -> &mut T {
+        self.services.state::<T>()
+    }
+
+    /// A service's state in this bus, if it was ever used.
+    pub(crate) fn service_state_ref<T: 'static>(&self) -> Option<&T> {
+        self.services.state_ref::<T>()
+    }
+
     /// A process a service started without a link (a program run by `exec`): the drain
     /// waits for it and kills it at its deadline.
     pub(crate) fn hold_process(&mut self, pid: Pid) {
@@ -774,32 +816,6 @@ impl Bus {
     /// A held process ended and its service is done with it.
     pub(crate) fn release_process(&mut self, pid: Pid) {
         self.node.release_process(pid);
-    }
-
-    /// Not part of the API: a test hook. Queues a well-formed link-level control frame of
-    /// the kind named (the drain's `"shutdown"`, `"probe"`, `"exit"`, `"quiet"`, `"tally"`, or a
-    /// supervision frame: `"ping"`, `"pong"`,
-    /// `"ready"`, `"stop"`, `"recycle"`, `"gave-up"`, `"job"`, `"result"`) for a neighbour,
-    /// whether this process may send it or not, so that a test can check that the
-    /// neighbour refuses a frame from the wrong relation. `false` for an unknown kind or
-    /// without an open link.
-    #[doc(hidden)]
-    pub fn send_forged_control(&mut self, to: Relation, kind: &str) -> bool {
-        let frame = match kind {
-            "shutdown" => Some(Control::Drain.encode()),
-            "probe" => Some(Control::Probe(1).encode()),
-            "exit" => Some(Control::Exit.encode()),
-            "quiet" => Some(
-                Control::Quiet {
-                    wave: 1,
-                    still: true,
-                }
-                .encode(),
-            ),
-            "tally" => Some(Control::Tally(Tally::default()).encode()),
-            other => crate::supervisor::forged_frame(other),
-        };
-        frame.is_some_and(|(code, data)| self.send_link_control(to, code, data))
     }
 
     /// Runs `work` at the loop's top level after the current event, where it may call
@@ -1006,19 +1022,56 @@ impl Bus {
     ///
     /// Fails only when the poller does, or when called from inside the loop.
     pub fn run(&mut self) -> io::Result<Stop> {
+        self.run_inner(None)
+    }
+
+    /// Runs the loop like [`run`](Self::run), handing every [`Event`] to `handler` as well
+    /// (after the listeners have heard of it, before anything read in the same wake-up is
+    /// acknowledged or answered on the wire). One closure sees messages, outcomes, child
+    /// exits and its own timers ([`timer`](Self::timer)), so the state they share can be a
+    /// plain local borrowed by the closure. A panic in `handler` is caught and reported as
+    /// [`BusError::CallbackPanicked`].
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use forkbus_runtime::{Bus, BusConfig, Event};
+    ///
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut bus = Bus::root(BusConfig::default())?;
+    /// let mut seen = 0;
+    /// let tick = bus.timer(Duration::from_secs(1));
+    /// bus.run_with(|bus, event| match event {
+    ///     Event::Message(_) => seen += 1,
+    ///     Event::Timer(t) if t == tick => {
+    ///         println!("{seen} messages in a second");
+    ///         bus.stop();
+    ///     }
+    ///     _ => {}
+    /// })?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn run_with(&mut self, mut handler: impl FnMut(&mut Self, Event)) -> io::Result<Stop> {
+        self.run_inner(Some(&mut handler))
+    }
+
+    fn run_inner(&mut self, handler: Option<&mut Handler<'_>>) -> io::Result<Stop> {
         if self.running {
             return Err(io::Error::other("Bus::run called from inside the loop"));
         }
         self.running = true;
+        self.handler_active = handler.is_some();
         let span = self.span.clone();
-        let result = span.in_scope(|| self.run_loop());
+        let result = span.in_scope(|| self.run_loop(handler));
+        self.handler_active = false;
+        self.for_handler.clear();
         self.running = false;
         result
     }
 
-    fn run_loop(&mut self) -> io::Result<Stop> {
+    fn run_loop(&mut self, mut handler: Option<&mut Handler<'_>>) -> io::Result<Stop> {
         loop {
-            self.tick();
+            self.tick(handler.as_deref_mut());
             if let Some(stop) = self.stop.take() {
                 return Ok(stop);
             }
@@ -1115,20 +1168,27 @@ impl Bus {
 
     /// One pass of work that needs no waiting: timers, the node's timeouts, handle
     /// requests, then events and writes until quiet.
-    fn tick(&mut self) {
+    fn tick(&mut self, handler: Option<&mut Handler<'_>>) {
         self.now = monotonic_now();
         self.fire_timers();
         if self.node.poll_timeout().is_some_and(|t| t <= self.now) {
             self.node.handle_timeout(self.now);
         }
         self.take_requests();
-        self.drive();
+        self.drive(handler);
     }
 
     fn fire_timers(&mut self) {
         for _ in 0..MAX_TIMERS {
-            let Some((_, callback)) = self.timers.pop_due(self.now) else {
+            let Some((id, action)) = self.timers.pop_due(self.now) else {
                 return;
+            };
+            let callback = match action {
+                TimerAction::Call(callback) => callback,
+                TimerAction::Event => {
+                    self.emit(Event::Timer(id));
+                    continue;
+                }
             };
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| callback(self))) {
                 self.internal
@@ -1191,7 +1251,7 @@ impl Bus {
     /// and the receipt must not reach the kernel before the application was told of the
     /// message — a process killed in between would leave the origin a false `Delivered`
     /// for a message no listener saw.
-    fn drive(&mut self) {
+    fn drive(&mut self, mut handler: Option<&mut Handler<'_>>) {
         for _ in 0..MAX_ROUNDS {
             let mut any = false;
             while let Some(action) = self.node.poll_action() {
@@ -1205,6 +1265,19 @@ impl Bus {
             while let Some(event) = self.internal.pop_front() {
                 any = true;
                 self.on_internal(event);
+            }
+            if let Some(handler) = handler.as_deref_mut() {
+                while let Some(event) = self.for_handler.pop_front() {
+                    any = true;
+                    let outcome = catch_unwind(AssertUnwindSafe(|| handler(self, event)));
+                    if let Err(panic) = outcome {
+                        self.internal
+                            .push_back(Internal::Error(BusError::CallbackPanicked {
+                                what: "run_with handler",
+                                message: panic_message(&*panic),
+                            }));
+                    }
+                }
             }
             while let Some(link) = self.writable.pop() {
                 any = true;
@@ -1418,7 +1491,11 @@ impl Bus {
                 }
             }
         }
-        self.reap_execs();
+        let mut i = 0;
+        while let Some(service) = self.services.hook(i) {
+            service.on_sigchld(self);
+            i += 1;
+        }
     }
 
     fn child_reaped(&mut self, pid: Pid, status: forkbus_node::ExitStatus) {
@@ -1463,10 +1540,34 @@ impl Bus {
     // -----------------------------------------------------------------------------------
     // Events
 
+    /// Asks each service whether it owns `pid` (and killed it).
+    fn service_kill(&mut self, pid: Pid) -> bool {
+        let mut i = 0;
+        while let Some(service) = self.services.hook(i) {
+            if service.kill(self, pid) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Offers a control frame to each service; `false` when none took it.
+    fn service_control(&mut self, from: LinkInfo, code: u32, data: &[u8]) -> bool {
+        let mut i = 0;
+        while let Some(service) = self.services.hook(i) {
+            if service.on_control(self, from, code, data) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
     fn on_action(&mut self, action: Action) {
         match action {
             Action::Kill(pid) => {
-                if !self.kill_exec_pid(pid) {
+                if !self.service_kill(pid) {
                     tracing::warn!(parent: &self.span, %pid, "drain deadline passed: SIGKILL");
                     let _ = kill(pid.nix(), Signal::SIGKILL);
                 }
@@ -1480,7 +1581,7 @@ impl Bus {
             NodeEvent::Router(event) => self.on_router_event(event),
             NodeEvent::PeerShutdown(shutdown) => self.on_peer_shutdown(shutdown),
             NodeEvent::ChildExit { pid, status } => {
-                self.emit("on_child_exit", |l, bus| l.on_child_exit(bus, pid, status));
+                self.emit(Event::ChildExit { pid, status });
             }
             NodeEvent::Control {
                 link,
@@ -1488,26 +1589,20 @@ impl Bus {
                 code,
                 data,
             } => {
-                if !crate::supervisor::on_control(self, from.relation, from.forked, code, &data) {
+                if !self.service_control(from, code, &data) {
                     tracing::warn!(%link, code, relation = ?from.relation, "control frame refused");
-                    self.emit_error(
-                        &BusError::BadControl {
-                            peer: self.peer_of(link),
-                            code,
-                        },
-                        None,
-                    );
+                    let peer = self.peer_of(link);
+                    self.emit(Event::Error(BusError::BadControl { peer, code }));
                 }
             }
             NodeEvent::BadControl { peer, code, .. } => {
-                self.emit_error(&BusError::BadControl { peer, code }, None);
+                self.emit(Event::Error(BusError::BadControl { peer, code }));
             }
             NodeEvent::Draining => {
                 tracing::info!(parent: &self.span, "draining");
                 // Frames queued after this iteration's writes: write them before sleeping.
                 self.busy = true;
-                self.cancel_all_execs();
-                self.emit("on_shutdown", |l, bus| l.on_shutdown(bus));
+                self.emit(Event::Shutdown);
             }
             NodeEvent::Drained(tally) => {
                 tracing::info!(parent: &self.span, ?tally, "drained");
@@ -1527,19 +1622,18 @@ impl Bus {
         }
     }
 
-    fn on_router_event(&mut self, event: Event) {
+    fn on_router_event(&mut self, event: RouterEvent) {
         match event {
-            Event::Message { envelope, link } => {
-                let message = Message::new(envelope, link);
-                self.emit("on_message", |l, bus| l.on_message(bus, &message));
+            RouterEvent::Message { envelope, link } => {
+                self.emit(Event::Message(Message::new(envelope, link)));
             }
-            Event::Held { name, id } => {
+            RouterEvent::Held { name, id } => {
                 tracing::debug!(%name, %id, "held in custody");
             }
-            Event::Sent(id) => self.emit("on_sent", |l, bus| l.on_sent(bus, id)),
-            Event::Delivered(id) => self.emit("on_delivered", |l, bus| l.on_delivered(bus, id)),
-            Event::Lost(report) => self.emit("on_lost", |l, bus| l.on_lost(bus, &report)),
-            Event::LinkUp { link, peer } => {
+            RouterEvent::Sent(id) => self.emit(Event::Sent(id)),
+            RouterEvent::Delivered(id) => self.emit(Event::Delivered(id)),
+            RouterEvent::Lost(report) => self.emit(Event::Lost(report)),
+            RouterEvent::LinkUp { link, peer } => {
                 if let Some(Source::Link(src)) = self
                     .links
                     .get(&link)
@@ -1548,13 +1642,13 @@ impl Bus {
                     src.peer = Some(peer);
                 }
                 tracing::debug!(%link, %peer, "peer up");
-                self.emit("on_peer_up", |l, bus| l.on_peer_up(bus, peer));
+                self.emit(Event::PeerUp(peer));
             }
-            Event::LinkReady(_) => {
+            RouterEvent::LinkReady(_) => {
                 self.pump_handle_sends();
-                self.emit("on_send_ready", |l, bus| l.on_send_ready(bus));
+                self.emit(Event::SendReady);
             }
-            Event::NodeDown(node) => self.emit("on_node_down", |l, bus| l.on_node_down(bus, node)),
+            RouterEvent::NodeDown(node) => self.emit(Event::NodeDown(node)),
             other => tracing::debug!(event = ?other, "unhandled router event"),
         }
     }
@@ -1586,48 +1680,47 @@ impl Bus {
             _ => {}
         }
         for error in errors {
-            self.emit_error(&error, None);
+            self.emit(Event::Error(error));
         }
-        self.emit("on_peer_shutdown", |l, bus| {
-            l.on_peer_shutdown(bus, &shutdown)
-        });
+        self.emit(Event::PeerShutdown(shutdown));
     }
 
     fn on_internal(&mut self, event: Internal) {
         match event {
             Internal::Error(error) => {
                 tracing::warn!(%error, "bus error");
-                self.emit_error(&error, None);
+                self.emit(Event::Error(error));
             }
-            Internal::Signal(signal) => self.emit("on_signal", |l, bus| l.on_signal(bus, signal)),
+            Internal::Signal(signal) => self.emit(Event::Signal(signal)),
             Internal::Deferred(Deferred(work)) => work(self),
         }
     }
 
-    fn emit_error(&mut self, error: &BusError, except: Option<ListenerId>) {
-        self.emit_filtered("on_router_error", except, |l, bus| {
-            l.on_router_error(bus, error)
-        });
+    /// Hands an event to the services, then to every listener, then to the services
+    /// again (`Service::after_event`), then queues it for [`run_with`](Self::run_with)'s
+    /// handler (only from the loop's top level: a deferred closure, a timer, a runtime
+    /// event; never from inside a listener).
+    pub(crate) fn emit(&mut self, event: Event) {
+        let mut i = 0;
+        while let Some(service) = self.services.hook(i) {
+            service.on_event(self, &event);
+            i += 1;
+        }
+        self.dispatch(&event, None);
+        let mut i = 0;
+        while let Some(service) = self.services.hook(i) {
+            service.after_event(self, &event);
+            i += 1;
+        }
+        if self.handler_active {
+            self.for_handler.push_back(event);
+        }
     }
 
-    /// Calls every listener (only from the loop's top level: a deferred closure, a timer,
-    /// a runtime event; never from inside a listener).
-    pub(crate) fn emit(
-        &mut self,
-        method: &'static str,
-        call: impl FnMut(&mut dyn Listener, &mut Self),
-    ) {
-        self.emit_filtered(method, None, call);
-    }
-
-    /// Calls every listener in order, each under `catch_unwind`. Listeners added meanwhile
-    /// run from the next event on; those removed meanwhile are skipped.
-    fn emit_filtered(
-        &mut self,
-        method: &'static str,
-        except: Option<ListenerId>,
-        mut call: impl FnMut(&mut dyn Listener, &mut Self),
-    ) {
+    /// Calls every listener in order (but `except`), each under `catch_unwind`. Listeners
+    /// added meanwhile run from the next event on; those removed meanwhile are skipped. A
+    /// listener's panic is reported to the others as an error event.
+    fn dispatch(&mut self, event: &Event, except: Option<ListenerId>) {
         if self.listeners.len() == 0 {
             return;
         }
@@ -1638,20 +1731,21 @@ impl Bus {
                 continue;
             }
             let listener: &mut dyn Listener = &mut *entry.item;
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| call(listener, self))) {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| listener.on_event(self, event))) {
                 panics.push((entry.id, panic_message(&*panic)));
             }
         }
         self.listeners.restore(taken);
+        let method = event.method();
         for (listener, message) in panics {
             tracing::error!(%listener, method, %message, "listener panicked");
-            if method != "on_router_error" {
-                let error = BusError::ListenerPanicked {
+            if !matches!(event, Event::Error(_)) {
+                let error = Event::Error(BusError::ListenerPanicked {
                     listener,
                     method,
                     message,
-                };
-                self.emit_error(&error, Some(listener));
+                });
+                self.dispatch(&error, Some(listener));
             }
         }
     }
@@ -1662,7 +1756,11 @@ impl Drop for Bus {
         if std::process::id() != self.owner {
             return;
         }
-        self.abort_execs();
+        let mut i = 0;
+        while let Some(service) = self.services.hook(i) {
+            service.on_drop(self);
+            i += 1;
+        }
         // Close every link: children see the end of file and end their loops.
         let keys: Vec<usize> = self.links.drain().map(|(_, k)| k).collect();
         for key in keys {

@@ -5,7 +5,7 @@ use std::io;
 
 use forkbus_router::{Address, LinkId, NodeId, ProtocolError};
 
-use crate::listener::ListenerId;
+use crate::listener_set::ListenerId;
 
 /// Why a send was refused. Nothing was queued anywhere.
 #[derive(Debug)]

@@ -70,11 +70,14 @@ mod child;
 mod clock;
 pub mod daemon;
 mod error;
+mod event;
 pub mod exec;
 pub mod external;
+mod forge;
 mod handle;
 pub mod identity;
 mod listener;
+mod listener_set;
 mod message;
 pub mod pool;
 mod reactor;
@@ -88,10 +91,12 @@ pub use bus::{
 };
 pub use clock::monotonic_now;
 pub use error::{BusError, DecodeError, ForkError, NameError, SendError};
+pub use event::{Event, ServiceEvent};
 pub use forkbus_node::{ExitStatus, Pid, Tally};
 pub use forkbus_node::{PeerShutdown, Relation};
 pub use handle::BusHandle;
-pub use listener::{Listener, ListenerId};
+pub use listener::Listener;
+pub use listener_set::ListenerId;
 pub use message::{decode, Message};
 pub use pool::{TaskId, TaskOutcome, TaskPool};
 pub use reactor::{describe_fd, FdId, FdReady, Interest};
@@ -102,6 +107,12 @@ pub use forkbus_router::{
     Address, Destination, Fate, LossReason, LossReport, LostEnvelope, MessageId, NodeId,
     RouterConfig, SendOptions, Timestamp, UnknownReason,
 };
+
+/// The services every bus is born with, in the order they hear events. This is the one
+/// place that names them: the crate root wires them into the bus, which names none.
+pub(crate) fn builtin_services() -> [&'static dyn listener::Service; 2] {
+    [&supervisor::SupervisionService, &exec::ExecService]
+}
 
 /// Addresses, spelled shortly.
 pub mod to {

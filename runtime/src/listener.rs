@@ -1,24 +1,53 @@
-//! Listeners: what the loop tells the application, in priority order.
+//! What the bus calls: the application's [`Listener`]s (the event stream, [`Event`], as
+//! methods, in priority order) and the runtime's services (`Service`: supervision, the
+//! task pool, exec, and the calls and gateways to come), which plug in ahead of the
+//! listeners through one interface. The bus names no service: the crate root lists them,
+//! each keeps its state in the bus's `Services` by type and brings its own events
+//! ([`ServiceEvent`]) and control frames.
 
-use std::fmt;
+use std::any::{Any, TypeId};
 
 use forkbus_node::PeerShutdown;
 use forkbus_router::{LossReport, MessageId, NodeId};
 
 use crate::bus::Bus;
 use crate::error::BusError;
+use crate::event::{Event, ServiceEvent};
 use crate::message::Message;
-use crate::pool::TaskOutcome;
-use crate::supervisor::{StopRequest, SupervisionEvent};
+use crate::timer::TimerId;
+use forkbus_node::LinkInfo;
 use forkbus_node::{ExitStatus, Pid};
 
-/// Receives what happens on the bus. Every method does nothing by default.
+/// Receives what happens on the bus: every [`Event`], through [`on_event`](Self::on_event),
+/// which by default calls the method for the event's kind. Every method does nothing by
+/// default.
 ///
-/// Listeners run in ascending priority (lowest first), ties in registration order. Each gets
-/// the [`Bus`] and may send, fork, add timers or stop from inside. A listener that panics is
-/// caught: the panic is reported (to `tracing` and to the other listeners'
-/// [`on_router_error`](Self::on_router_error)) and the other listeners and the loop go on.
+/// Listeners run in ascending priority (lowest first), ties in registration order, after
+/// the runtime's services. Each gets the [`Bus`] and may send, fork, add timers or stop from
+/// inside. A listener that panics is caught: the panic is reported (to `tracing` and to the
+/// other listeners' [`on_router_error`](Self::on_router_error)) and the other listeners and
+/// the loop go on.
 pub trait Listener {
+    /// Any event; the default calls the method of its kind below.
+    fn on_event(&mut self, bus: &mut Bus, event: &Event) {
+        match event {
+            Event::Message(m) => self.on_message(bus, m),
+            Event::Sent(id) => self.on_sent(bus, *id),
+            Event::Delivered(id) => self.on_delivered(bus, *id),
+            Event::Lost(report) => self.on_lost(bus, report),
+            Event::PeerUp(peer) => self.on_peer_up(bus, *peer),
+            Event::PeerShutdown(s) => self.on_peer_shutdown(bus, s),
+            Event::NodeDown(node) => self.on_node_down(bus, *node),
+            Event::SendReady => self.on_send_ready(bus),
+            Event::Error(e) => self.on_router_error(bus, e),
+            Event::ChildExit { pid, status } => self.on_child_exit(bus, *pid, *status),
+            Event::Shutdown => self.on_shutdown(bus),
+            Event::Signal(s) => self.on_signal(bus, *s),
+            Event::Timer(id) => self.on_timer(bus, *id),
+            Event::Service(e) => self.on_service(bus, e),
+        }
+    }
+
     /// An envelope for this node arrived (or this node sent one to itself).
     fn on_message(&mut self, bus: &mut Bus, message: &Message) {
         let _ = (bus, message);
@@ -84,135 +113,121 @@ pub trait Listener {
         let _ = (bus, signal);
     }
 
-    /// A supervisor of this process (or one in a child process that gave up on a child)
-    /// reports on its children: starts, exits with their status (one per process, whatever
-    /// path reaped it), kills and why, recycling, reloads, giving up.
-    fn on_supervision(&mut self, bus: &mut Bus, event: &SupervisionEvent) {
+    /// A timer set with [`Bus::timer`] is due.
+    fn on_timer(&mut self, bus: &mut Bus, timer: TimerId) {
+        let _ = (bus, timer);
+    }
+
+    /// A service's event: supervision, a stop request to this worker, a task outcome.
+    fn on_service(&mut self, bus: &mut Bus, event: &ServiceEvent) {
+        let _ = (bus, event);
+    }
+}
+
+/// A part of the runtime that plugs into the bus ahead of the listeners. Each is a
+/// zero-sized value that every bus is born with (`crate::builtin_services`, the one place
+/// that names them); its state lives in the bus's [`Services`], keyed by type and made on
+/// first use ([`Bus::service_state`]). Every method does nothing by default.
+pub(crate) trait Service: Any {
+    /// Hears an event before any listener does.
+    fn on_event(&self, bus: &mut Bus, event: &Event) {
         let _ = (bus, event);
     }
 
-    /// This process is a supervised worker and its supervisor asks it to stop (recycling,
-    /// reload, a stop request): finish what is in hand. Unless a listener calls
-    /// [`hold_stop`](crate::supervisor::hold_stop), the worker keeps serving until quiet,
-    /// then drains and exits 0; past the deadline it is killed.
-    fn on_stopping(&mut self, bus: &mut Bus, request: &StopRequest) {
-        let _ = (bus, request);
+    /// Hears an event after every listener did.
+    fn after_event(&self, bus: &mut Bus, event: &Event) {
+        let _ = (bus, event);
     }
 
-    /// A job of a task pool this process owns ended (exactly once per job).
-    fn on_task(&mut self, bus: &mut Bus, outcome: &TaskOutcome) {
-        let _ = (bus, outcome);
-    }
-}
-
-/// A registered listener, for [`Bus::remove_listener`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ListenerId(pub(crate) u64);
-
-impl fmt::Display for ListenerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}", self.0)
-    }
-}
-
-/// One entry of a [`ListenerSet`].
-#[derive(Debug)]
-pub(crate) struct Entry<T> {
-    pub(crate) id: ListenerId,
-    pub(crate) priority: i32,
-    pub(crate) item: T,
-}
-
-/// Items kept in ascending priority, ties in insertion order; can be taken out for a
-/// dispatch (during which items may be added or removed) and put back.
-#[derive(Debug)]
-pub(crate) struct ListenerSet<T> {
-    entries: Vec<Entry<T>>,
-    next: u64,
-    /// Removals asked for while the entries were taken out.
-    removed: Vec<ListenerId>,
-    taken: bool,
-}
-
-impl<T> Default for ListenerSet<T> {
-    fn default() -> Self {
-        Self {
-            entries: Vec::new(),
-            next: 0,
-            removed: Vec::new(),
-            taken: false,
-        }
-    }
-}
-
-impl<T> ListenerSet<T> {
-    pub(crate) fn insert(&mut self, priority: i32, item: T) -> ListenerId {
-        let id = ListenerId(self.next);
-        self.next += 1;
-        self.place(Entry { id, priority, item });
-        id
-    }
-
-    fn place(&mut self, entry: Entry<T>) {
-        let at = self
-            .entries
-            .partition_point(|e| (e.priority, e.id) <= (entry.priority, entry.id));
-        self.entries.insert(at, entry);
-    }
-
-    pub(crate) fn remove(&mut self, id: ListenerId) -> bool {
-        if let Some(at) = self.entries.iter().position(|e| e.id == id) {
-            self.entries.remove(at);
-            return true;
-        }
-        if self.taken && id.0 < self.next && !self.removed.contains(&id) {
-            self.removed.push(id);
-            return true;
-        }
+    /// A control frame that is not the node core's, from a neighbour; `true` when this
+    /// service took it (else the next service is asked, and a frame nobody takes is a bad
+    /// control frame).
+    fn on_control(&self, bus: &mut Bus, from: LinkInfo, code: u32, data: &[u8]) -> bool {
+        let _ = (bus, from, code, data);
         false
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+    /// `SIGCHLD` arrived: reap the processes this service started without a link.
+    fn on_sigchld(&self, bus: &mut Bus) {
+        let _ = bus;
     }
 
-    /// Takes every entry out for a dispatch.
-    pub(crate) fn take(&mut self) -> Vec<Entry<T>> {
-        self.taken = true;
-        std::mem::take(&mut self.entries)
+    /// The drain deadline passed for `pid`: `true` when this service owns it (and has
+    /// killed it).
+    fn kill(&self, bus: &mut Bus, pid: Pid) -> bool {
+        let _ = (bus, pid);
+        false
     }
 
-    /// Whether an entry taken out was removed meanwhile.
-    pub(crate) fn is_removed(&self, id: ListenerId) -> bool {
-        self.removed.contains(&id)
-    }
-
-    /// Puts taken entries back, with those added meanwhile in their places and those
-    /// removed meanwhile gone.
-    pub(crate) fn restore(&mut self, taken: Vec<Entry<T>>) {
-        let added = std::mem::replace(&mut self.entries, taken);
-        let removed = std::mem::take(&mut self.removed);
-        self.entries.retain(|e| !removed.contains(&e.id));
-        for e in added {
-            self.place(e);
-        }
-        self.taken = false;
-    }
-
-    #[cfg(test)]
-    fn order(&self) -> Vec<&T> {
-        self.entries.iter().map(|e| &e.item).collect()
+    /// The bus is dropped in its own process: let go of everything, synchronously.
+    fn on_drop(&self, bus: &mut Bus) {
+        let _ = bus;
     }
 }
 
-/// The message of a caught panic.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(non-string panic payload)".to_owned()
+/// The services registered with a bus and their states, by type.
+#[derive(Default)]
+pub(crate) struct Services {
+    hooks: Vec<&'static dyn Service>,
+    states: Vec<(TypeId, Box<dyn Any>)>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("hooks", &self.hooks.len())
+            .field("states", &self.states.len())
+            .finish()
+    }
+}
+
+impl Services {
+    /// A registry with these services.
+    pub(crate) fn with(services: impl IntoIterator<Item = &'static dyn Service>) -> Self {
+        let mut s = Self::default();
+        for service in services {
+            s.register(service);
+        }
+        s
+    }
+
+    /// Registers a service (once: a second registration of the same type does nothing).
+    pub(crate) fn register(&mut self, service: &'static dyn Service) {
+        let id = Any::type_id(service);
+        if !self.hooks.iter().any(|h| Any::type_id(*h) == id) {
+            self.hooks.push(service);
+        }
+    }
+
+    /// The `i`th service registered.
+    pub(crate) fn hook(&self, i: usize) -> Option<&'static dyn Service> {
+        self.hooks.get(i).copied()
+    }
+
+    /// A service's state, made with `Default` on first use.
+    pub(crate) fn state<T: Default + 'static>(&mut self) -> &mut T {
+        let id = TypeId::of::<T>();
+        let at = match self.states.iter().position(|(t, _)| *t == id) {
+            Some(at) => at,
+            None => {
+                self.states.push((id, Box::new(T::default())));
+                self.states.len() - 1
+            }
+        };
+        match self.states[at].1.downcast_mut::<T>() {
+            Some(state) => state,
+            // The entry at `at` was stored under `T`'s type id.
+            None => unreachable!("a service state of another type under this type id"),
+        }
+    }
+
+    /// A service's state, if it was ever used.
+    pub(crate) fn state_ref<T: 'static>(&self) -> Option<&T> {
+        let id = TypeId::of::<T>();
+        self.states
+            .iter()
+            .find(|(t, _)| *t == id)
+            .and_then(|(_, s)| s.downcast_ref::<T>())
     }
 }
 
@@ -220,56 +235,23 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn lowest_priority_first_ties_in_registration_order() {
-        let mut set = ListenerSet::default();
-        set.insert(5, "e");
-        set.insert(-1, "a");
-        set.insert(0, "b");
-        set.insert(5, "f");
-        set.insert(0, "c");
-        set.insert(1, "d");
-        assert_eq!(set.order(), [&"a", &"b", &"c", &"d", &"e", &"f"]);
-    }
+    struct A;
+    impl Service for A {}
+    struct B;
+    impl Service for B {}
 
     #[test]
-    fn added_and_removed_during_dispatch() {
-        let mut set = ListenerSet::default();
-        let a = set.insert(0, "a");
-        let b = set.insert(0, "b");
-        let c = set.insert(2, "c");
-        let taken = set.take();
-        assert_eq!(taken.len(), 3);
-        // During the dispatch: one added at a tie with "a" (goes after all priority 0), one
-        // removed that is out, and one removed that was added meanwhile.
-        set.insert(0, "x");
-        let y = set.insert(1, "y");
-        assert!(set.remove(b));
-        assert!(set.is_removed(b));
-        assert!(set.remove(y));
-        set.restore(taken);
-        assert_eq!(set.order(), [&"a", &"x", &"c"]);
-        assert!(set.remove(a));
-        assert!(!set.remove(a));
-        assert!(set.remove(c));
-        assert_eq!(set.len(), 1);
-    }
-
-    #[test]
-    fn removing_unknown_ids_is_refused() {
-        let mut set: ListenerSet<()> = ListenerSet::default();
-        assert!(!set.remove(ListenerId(3)));
-        let _t = set.take();
-        assert!(!set.remove(ListenerId(3)));
-    }
-
-    #[test]
-    fn panic_messages() {
-        let p: Box<dyn std::any::Any + Send> = Box::new("boom");
-        assert_eq!(panic_message(&*p), "boom");
-        let p: Box<dyn std::any::Any + Send> = Box::new(String::from("bang"));
-        assert_eq!(panic_message(&*p), "bang");
-        let p: Box<dyn std::any::Any + Send> = Box::new(3_u8);
-        assert_eq!(panic_message(&*p), "(non-string panic payload)");
+    fn services_register_once_and_keep_state_by_type() {
+        let mut s = Services::default();
+        s.register(&A);
+        s.register(&B);
+        s.register(&A);
+        assert!(s.hook(1).is_some() && s.hook(2).is_none());
+        assert!(s.state_ref::<u32>().is_none());
+        *s.state::<u32>() += 5;
+        *s.state::<u32>() += 1;
+        s.state::<String>().push_str("xy");
+        assert_eq!(s.state_ref::<u32>(), Some(&6));
+        assert_eq!(s.state_ref::<String>().map(String::as_str), Some("xy"));
     }
 }

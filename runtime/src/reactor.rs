@@ -40,7 +40,6 @@ use nix::sys::signalfd::SignalFd;
 use polling::{Event, Events, PollMode, Poller};
 use slab::Slab;
 
-use crate::bus::Bus;
 use crate::error::SendError;
 
 /// What a registered descriptor should be watched for.
@@ -70,7 +69,7 @@ impl Interest {
     };
 }
 
-/// A descriptor registered with [`Bus::add_fd`].
+/// A descriptor registered with [`Bus::add_fd`](crate::Bus::add_fd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FdId {
     pub(crate) key: usize,
@@ -91,9 +90,6 @@ pub struct FdReady {
     pub writable: bool,
 }
 
-/// The callback of a registered descriptor.
-pub(crate) type FdCallback = Box<dyn FnMut(&mut Bus, FdReady)>;
-
 /// The socket of one link.
 #[derive(Debug)]
 pub(crate) struct LinkSource {
@@ -106,15 +102,16 @@ pub(crate) struct LinkSource {
 }
 
 /// A descriptor of the application's.
-pub(crate) struct UserSource {
+pub(crate) struct UserSource<C> {
     pub(crate) fd: OwnedFd,
     pub(crate) serial: u64,
     pub(crate) interest: Interest,
     /// Taken out while it runs.
-    pub(crate) callback: Option<FdCallback>,
+    /// What the owner runs when it is ready (the bus's callback).
+    pub(crate) callback: Option<C>,
 }
 
-impl std::fmt::Debug for UserSource {
+impl<C> std::fmt::Debug for UserSource<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UserSource")
             .field("fd", &self.fd)
@@ -126,13 +123,13 @@ impl std::fmt::Debug for UserSource {
 
 /// Everything the poller watches.
 #[derive(Debug)]
-pub(crate) enum Source {
+pub(crate) enum Source<C> {
     Signal(SignalFd),
     Link(LinkSource),
-    User(UserSource),
+    User(UserSource<C>),
 }
 
-impl Source {
+impl<C> Source<C> {
     fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Self::Signal(s) => s.as_fd(),
@@ -173,19 +170,19 @@ pub(crate) struct Ready {
 
 /// The poller, its sources and the one reused events buffer.
 #[derive(Debug)]
-pub(crate) struct Reactor {
+pub(crate) struct Reactor<C> {
     pub(crate) shared: Arc<Shared>,
     /// The descriptors the poller opened (epoll, notify eventfd, timerfd), found by
     /// comparing `/proc/self/fd` before and after creating it: a forked child closes them
     /// by number, since dropping the inherited `Poller` would deregister the parent's
     /// notifier from the epoll instance both processes share.
     poller_fds: Vec<RawFd>,
-    pub(crate) sources: Slab<Source>,
+    pub(crate) sources: Slab<Source<C>>,
     events: Events,
     pub(crate) ready: Vec<Ready>,
 }
 
-impl Reactor {
+impl<C> Reactor<C> {
     pub(crate) fn new(capacity: usize) -> io::Result<Self> {
         let before = open_fds()?;
         let poller = Poller::new()?;
@@ -217,7 +214,7 @@ impl Reactor {
     }
 
     /// Registers a source; on failure nothing stays behind (the source is dropped).
-    pub(crate) fn insert(&mut self, source: Source, interest: Interest) -> io::Result<usize> {
+    pub(crate) fn insert(&mut self, source: Source<C>, interest: Interest) -> io::Result<usize> {
         let entry = self.sources.vacant_entry();
         let key = entry.key();
         let raw = source.fd().as_raw_fd();
@@ -246,7 +243,7 @@ impl Reactor {
     }
 
     /// Deregisters and returns a source (its descriptor closes when it is dropped).
-    pub(crate) fn remove(&mut self, key: usize) -> Option<Source> {
+    pub(crate) fn remove(&mut self, key: usize) -> Option<Source<C>> {
         let source = self.sources.try_remove(key)?;
         if let Err(e) = self.shared.poller.delete(source.fd()) {
             tracing::warn!(key, error = %e, "cannot deregister a descriptor");
@@ -293,7 +290,7 @@ impl Reactor {
     }
 }
 
-impl Drop for Reactor {
+impl<C> Drop for Reactor<C> {
     fn drop(&mut self) {
         for (_, source) in &self.sources {
             let _ = self.shared.poller.delete(source.fd());

@@ -509,6 +509,7 @@ fn newest_source(example: &str) -> SystemTime {
         root.join("Cargo.lock"),
         root.join("src"),
         root.join("runtime/src"),
+        root.join("node/src"),
         root.join("router/src"),
     ];
     while let Some(p) = visit.pop() {

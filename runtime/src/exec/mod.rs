@@ -72,10 +72,10 @@ use crate::identity::{Credentials, PrivilegeDrop};
 // - `running`: the state machine of a running program, and its `impl Bus` block.
 mod outcome;
 mod running;
+pub(crate) use running::ExecService;
 mod spawn;
 
 pub use outcome::{ExecError, ExecId, ExecOutput, Intervention, InvalidCommand, Part, SpawnStage};
-pub(crate) use running::ExecTable;
 pub(crate) use spawn::{start, Redirect, Started};
 
 /// The default bound of each captured stream: 16 MiB.

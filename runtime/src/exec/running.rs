@@ -19,6 +19,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 use crate::bus::Bus;
+use crate::event::Event;
+use crate::listener::Service;
 use crate::reactor::{FdId, Interest};
 use crate::timer::TimerId;
 use forkbus_node::{ExitStatus, Pid};
@@ -131,9 +133,36 @@ pub(crate) struct ExecTable {
     rbuf: Vec<u8>,
 }
 
-impl ExecTable {}
+/// The exec service: programs are reaped on `SIGCHLD`, cancelled when the bus drains,
+/// killed at the drain's deadline, and killed and reaped when the bus is dropped.
+pub(crate) struct ExecService;
+
+impl Service for ExecService {
+    fn on_event(&self, bus: &mut Bus, event: &Event) {
+        if let Event::Shutdown = event {
+            bus.cancel_all_execs();
+        }
+    }
+
+    fn on_sigchld(&self, bus: &mut Bus) {
+        bus.reap_execs();
+    }
+
+    fn kill(&self, bus: &mut Bus, pid: Pid) -> bool {
+        bus.kill_exec_pid(pid)
+    }
+
+    fn on_drop(&self, bus: &mut Bus) {
+        bus.abort_execs();
+    }
+}
 
 impl Bus {
+    /// The programs this bus runs.
+    fn exec_table(&mut self) -> &mut ExecTable {
+        self.service_state::<ExecTable>()
+    }
+
     /// Runs an external program; `done` gets its [`ExecOutput`] from the loop once it has
     /// exited (reaped) and both its pipes are at end of file. See the
     /// [module documentation](crate::exec) for what is promised.
@@ -163,8 +192,8 @@ impl Bus {
             stdout,
             stderr,
         } = start(command, &[], Vec::new(), 3)?;
-        let id = ExecId(self.execs.next);
-        self.execs.next += 1;
+        let id = ExecId(self.exec_table().next);
+        self.exec_table().next += 1;
         let mut entry = Running {
             pid,
             group: command.process_group,
@@ -205,7 +234,7 @@ impl Bus {
             }));
         }
         tracing::debug!(%id, %pid, program = ?command.program, "exec started");
-        self.execs.running.insert(id, entry);
+        self.exec_table().running.insert(id, entry);
         self.hold_process(pid);
         Ok(id)
     }
@@ -255,20 +284,21 @@ impl Bus {
 
     /// The process id of a program still running or awaiting its result.
     pub fn exec_pid(&self, id: ExecId) -> Option<Pid> {
-        self.execs.running.get(&id).map(|r| r.pid)
+        self.service_state_ref::<ExecTable>()?
+            .running
+            .get(&id)
+            .map(|r| r.pid)
     }
 
     /// The programs running or awaiting their results.
     pub fn execs(&self) -> Vec<(ExecId, Pid)> {
-        self.execs
-            .running
-            .iter()
-            .map(|(id, r)| (*id, r.pid))
-            .collect()
+        self.service_state_ref::<ExecTable>()
+            .map(|t| t.running.iter().map(|(id, r)| (*id, r.pid)).collect())
+            .unwrap_or_default()
     }
 
     fn intervene(&mut self, id: ExecId, why: Intervention) -> bool {
-        let Some(r) = self.execs.running.get_mut(&id) else {
+        let Some(r) = self.exec_table().running.get_mut(&id) else {
             return false;
         };
         if r.life != Life::Running {
@@ -283,7 +313,7 @@ impl Bus {
         if r.kill_timer.is_none() {
             let grace = r.kill_grace;
             let timer = self.add_timer(grace, move |bus| bus.kill_exec(id));
-            if let Some(r) = self.execs.running.get_mut(&id) {
+            if let Some(r) = self.exec_table().running.get_mut(&id) {
                 r.kill_timer = Some(timer);
             }
         }
@@ -291,7 +321,7 @@ impl Bus {
     }
 
     fn kill_exec(&mut self, id: ExecId) {
-        if let Some(r) = self.execs.running.get_mut(&id) {
+        if let Some(r) = self.exec_table().running.get_mut(&id) {
             r.kill_timer = None;
             if r.life == Life::Running {
                 tracing::debug!(%id, pid = %r.pid, "grace period over: SIGKILL");
@@ -302,8 +332,8 @@ impl Bus {
     }
 
     /// A graceful shutdown began: cancel every program still running.
-    pub(crate) fn cancel_all_execs(&mut self) {
-        let ids: Vec<ExecId> = self.execs.running.keys().copied().collect();
+    fn cancel_all_execs(&mut self) {
+        let ids: Vec<ExecId> = self.exec_table().running.keys().copied().collect();
         for id in ids {
             self.intervene(id, Intervention::Cancelled);
         }
@@ -311,9 +341,9 @@ impl Bus {
 
     /// The drain deadline passed for the program with this pid: `SIGKILL` it; `false`
     /// when no program has this pid.
-    pub(crate) fn kill_exec_pid(&mut self, pid: Pid) -> bool {
+    fn kill_exec_pid(&mut self, pid: Pid) -> bool {
         let id = self
-            .execs
+            .exec_table()
             .running
             .iter()
             .find(|(_, r)| r.pid == pid)
@@ -322,8 +352,8 @@ impl Bus {
     }
 
     /// The bus is dropped: kill and reap every program still running (no callback runs).
-    pub(crate) fn abort_execs(&mut self) {
-        for (_, r) in std::mem::take(&mut self.execs.running) {
+    fn abort_execs(&mut self) {
+        for (_, r) in std::mem::take(&mut self.exec_table().running) {
             if r.life == Life::Running {
                 r.signal(Signal::SIGKILL);
                 reap_blocking(r.pid.nix());
@@ -333,16 +363,16 @@ impl Bus {
 
     /// `SIGCHLD`: reaps the programs that exited (by pid, without `WUNTRACED`: a stopped
     /// program is still running).
-    pub(crate) fn reap_execs(&mut self) {
+    fn reap_execs(&mut self) {
         let ids: Vec<ExecId> = self
-            .execs
+            .exec_table()
             .running
             .iter()
             .filter(|(_, r)| r.life == Life::Running)
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            let Some(pid) = self.execs.running.get(&id).map(|r| r.pid) else {
+            let Some(pid) = self.exec_table().running.get(&id).map(|r| r.pid) else {
                 continue;
             };
             let life = loop {
@@ -361,7 +391,7 @@ impl Bus {
                 }
             };
             let Some(life) = life else { continue };
-            let Some(r) = self.execs.running.get_mut(&id) else {
+            let Some(r) = self.exec_table().running.get_mut(&id) else {
                 continue;
             };
             r.life = life;
@@ -369,7 +399,7 @@ impl Bus {
             if r.pipes_open() {
                 let grace = r.pipe_grace;
                 let timer = self.add_timer(grace, move |bus| bus.pipes_expired(id));
-                if let Some(r) = self.execs.running.get_mut(&id) {
+                if let Some(r) = self.exec_table().running.get_mut(&id) {
                     r.pipe_timer = Some(timer);
                 }
             }
@@ -378,7 +408,7 @@ impl Bus {
     }
 
     fn pipes_expired(&mut self, id: ExecId) {
-        let fds: Vec<(FdId, Stream)> = match self.execs.running.get_mut(&id) {
+        let fds: Vec<(FdId, Stream)> = match self.exec_table().running.get_mut(&id) {
             Some(r) => {
                 r.pipe_timer = None;
                 [(r.stdout.fd, Stream::Stdout), (r.stderr.fd, Stream::Stderr)]
@@ -393,7 +423,7 @@ impl Bus {
             if let Some(raw) = self.fd(fd).map(|f| f.as_raw_fd()) {
                 self.exec_readable(id, stream, raw);
             }
-            if let Some(r) = self.execs.running.get_mut(&id) {
+            if let Some(r) = self.exec_table().running.get_mut(&id) {
                 if let Some(fd) = r.pipe(stream).fd.take() {
                     tracing::warn!(%id, %stream, "pipe held open after the exit: closed");
                     r.pipes_held_open = true;
@@ -406,7 +436,7 @@ impl Bus {
     }
 
     fn exec_readable(&mut self, id: ExecId, stream: Stream, raw: RawFd) {
-        let mut buf = std::mem::take(&mut self.execs.rbuf);
+        let mut buf = std::mem::take(&mut self.exec_table().rbuf);
         buf.resize(READ_CHUNK, 0);
         // SAFETY: `raw` is the descriptor of a registration the bus owns (this is its
         // callback, or the registration was just looked up); it stays open until
@@ -429,7 +459,7 @@ impl Bus {
                 Err(Errno::EINTR) => {}
                 Err(e) => {
                     tracing::warn!(%id, %stream, error = %e, "cannot read a program's output");
-                    if let Some(r) = self.execs.running.get_mut(&id) {
+                    if let Some(r) = self.exec_table().running.get_mut(&id) {
                         r.truncated = true;
                     }
                     end = true;
@@ -437,10 +467,10 @@ impl Bus {
                 }
             }
         }
-        self.execs.rbuf = buf;
+        self.exec_table().rbuf = buf;
         if end {
             let reg = self
-                .execs
+                .exec_table()
                 .running
                 .get_mut(&id)
                 .and_then(|r| r.pipe(stream).fd.take());
@@ -453,7 +483,7 @@ impl Bus {
 
     /// Keeps output up to the bound; past it, kills the program and discards the rest.
     fn exec_take(&mut self, id: ExecId, stream: Stream, bytes: &[u8]) {
-        let Some(r) = self.execs.running.get_mut(&id) else {
+        let Some(r) = self.exec_table().running.get_mut(&id) else {
             return;
         };
         let limit = r.max_output;
@@ -476,7 +506,7 @@ impl Bus {
 
     fn exec_writable(&mut self, id: ExecId, raw: RawFd) {
         let Some(feeder) = self
-            .execs
+            .exec_table()
             .running
             .get_mut(&id)
             .and_then(|r| r.stdin.as_mut())
@@ -507,7 +537,7 @@ impl Bus {
             }
         }
         if finished {
-            let Some(r) = self.execs.running.get_mut(&id) else {
+            let Some(r) = self.exec_table().running.get_mut(&id) else {
                 return;
             };
             if let Some(feeder) = r.stdin.take() {
@@ -520,14 +550,14 @@ impl Bus {
     /// Delivers the result once the exit is known and both pipes are closed.
     fn exec_check(&mut self, id: ExecId) {
         let ready = self
-            .execs
+            .exec_table()
             .running
             .get(&id)
             .is_some_and(|r| r.life != Life::Running && !r.pipes_open());
         if !ready {
             return;
         }
-        let Some(mut r) = self.execs.running.remove(&id) else {
+        let Some(mut r) = self.exec_table().running.remove(&id) else {
             return;
         };
         self.release_process(r.pid);

@@ -1,7 +1,7 @@
 //! The worker's side of supervision: the agent a supervised process carries. It answers
 //! pings from its loop, says when it is ready, counts handled messages and asks to be
 //! recycled at its limit, runs task-pool jobs, and turns a stop request into
-//! [`Listener::on_stopping`] followed by a graceful drain.
+//! [`ServiceEvent::Stopping`] followed by a graceful drain.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
@@ -11,10 +11,11 @@ use std::time::Duration;
 use forkbus_router::Timestamp;
 
 use super::proto::Frame;
+use super::registry;
 use super::types::{StopReason, StopRequest};
 use crate::bus::Bus;
-use crate::listener::{panic_message, Listener};
-use crate::message::Message;
+use crate::event::{Event, ServiceEvent};
+use crate::listener_set::panic_message;
 use forkbus_node::Relation;
 
 /// Set when this process was asked to stop (by its supervisor, or by a tree shutdown).
@@ -54,17 +55,9 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-/// Counts messages handled by the worker's listeners.
-struct AgentListener;
-
-impl Listener for AgentListener {
-    fn on_message(&mut self, bus: &mut Bus, _message: &Message) {
-        handled_one(bus);
-    }
-
-    fn on_shutdown(&mut self, _bus: &mut Bus) {
-        STOP_REQUESTED.store(true, Ordering::SeqCst);
-    }
+/// The bus began to drain: this process was asked to stop.
+pub(super) fn on_shutdown() {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
 }
 
 /// Makes this (freshly forked) process a supervised worker.
@@ -72,7 +65,7 @@ pub(crate) fn install(bus: &mut Bus, limit: Option<u64>, job: Option<JobFn>) {
     // A flag inherited from a parent that was itself asked to stop is not ours.
     STOP_REQUESTED.store(false, Ordering::SeqCst);
     let now = bus.now();
-    bus.supervision.agent = Some(Agent {
+    registry(bus).agent = Some(Agent {
         limit,
         handled: 0,
         recycle_asked: false,
@@ -82,15 +75,13 @@ pub(crate) fn install(bus: &mut Bus, limit: Option<u64>, job: Option<JobFn>) {
         last_message: now,
         job,
     });
-    // Last: it counts a message once every listener has handled it.
-    bus.add_listener(i32::MAX, AgentListener);
 }
 
 /// Tells the supervisor that this worker is up, if not told already. Done automatically
 /// when a supervised worker's closure returns; a worker may call it earlier. Does nothing
 /// in a process that is not a supervised worker.
 pub fn ready(bus: &mut Bus) {
-    let Some(agent) = &mut bus.supervision.agent else {
+    let Some(agent) = &mut registry(bus).agent else {
         return;
     };
     if agent.ready_sent {
@@ -104,14 +95,14 @@ pub fn ready(bus: &mut Bus) {
 /// until the supervisor's deadline kills it). For workers that finish work elsewhere (a
 /// compute thread, say) after they were asked to stop.
 pub fn hold_stop(bus: &mut Bus) {
-    if let Some(agent) = &mut bus.supervision.agent {
+    if let Some(agent) = &mut registry(bus).agent {
         agent.held = true;
     }
 }
 
 /// Lets a stopping worker drain and exit (after [`hold_stop`]).
 pub fn release_stop(bus: &mut Bus) {
-    if let Some(agent) = &mut bus.supervision.agent {
+    if let Some(agent) = &mut registry(bus).agent {
         agent.held = false;
     }
 }
@@ -124,9 +115,9 @@ fn send(bus: &mut Bus, frame: &Frame) {
 }
 
 /// A message or job was handled: count it, and ask for recycling at the limit.
-fn handled_one(bus: &mut Bus) {
+pub(super) fn handled_one(bus: &mut Bus) {
     let now = bus.now();
-    let Some(agent) = &mut bus.supervision.agent else {
+    let Some(agent) = &mut registry(bus).agent else {
         return;
     };
     agent.handled += 1;
@@ -141,7 +132,7 @@ fn handled_one(bus: &mut Bus) {
 /// A frame from the parent; `false` when this process is not a supervised worker (or for
 /// a frame a parent does not send).
 pub(crate) fn on_frame(bus: &mut Bus, frame: Frame) -> bool {
-    if bus.supervision.agent.is_none() {
+    if registry(bus).agent.is_none() {
         return false;
     }
     match frame {
@@ -159,7 +150,7 @@ pub(crate) fn on_frame(bus: &mut Bus, frame: Frame) -> bool {
 }
 
 fn stop_requested(bus: &mut Bus, reason: StopReason, deadline: Duration, quiet: Duration) {
-    let Some(agent) = &mut bus.supervision.agent else {
+    let Some(agent) = &mut registry(bus).agent else {
         return;
     };
     if agent.stopping.is_some() {
@@ -168,7 +159,7 @@ fn stop_requested(bus: &mut Bus, reason: StopReason, deadline: Duration, quiet: 
     agent.stopping = Some(quiet);
     STOP_REQUESTED.store(true, Ordering::SeqCst);
     let request = StopRequest { reason, deadline };
-    bus.defer(move |bus| bus.emit("on_stopping", |l, bus| l.on_stopping(bus, &request)));
+    bus.defer(move |bus| bus.emit(Event::Service(ServiceEvent::Stopping(request))));
     schedule_drain_check(bus, quiet);
 }
 
@@ -180,8 +171,7 @@ fn schedule_drain_check(bus: &mut Bus, quiet: Duration) {
             return;
         }
         let now = bus.now();
-        let ready = bus
-            .supervision
+        let ready = registry(bus)
             .agent
             .as_ref()
             .is_some_and(|a| !a.held && now.saturating_duration_since(a.last_message) >= quiet);
@@ -195,7 +185,7 @@ fn schedule_drain_check(bus: &mut Bus, quiet: Duration) {
 }
 
 fn run_job(bus: &mut Bus, id: u64, payload: &[u8]) {
-    let job = bus.supervision.agent.as_ref().and_then(|a| a.job.clone());
+    let job = registry(bus).agent.as_ref().and_then(|a| a.job.clone());
     let outcome = match job {
         Some(f) => match catch_unwind(AssertUnwindSafe(|| f(bus, payload))) {
             Ok(r) => r,

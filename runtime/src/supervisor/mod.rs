@@ -37,12 +37,12 @@
 //! link-level control frames from its children (`READY`, `PONG`, `RECYCLE`), `SIGHUP`
 //! and one timer of the bus armed at its next deadline. Restarts wait in a backoff state
 //! driven by that timer — the loop never sleeps. Events reach listeners as
-//! [`Listener::on_supervision`].
+//! [`ServiceEvent::Supervision`].
 //!
 //! In each supervised process an agent answers pings from its loop (so a process whose
 //! loop is blocked stays silent and is killed after the heartbeat timeout), says `READY`
 //! when its closure returned, counts handled messages (recycling), and turns a stop
-//! request into [`Listener::on_stopping`] and
+//! request into [`ServiceEvent::Stopping`] and
 //! [`should_stop`]; then it keeps serving until quiet for
 //! [`ChildSpec::drain_quiet`], drains (its replies acknowledged) and exits 0. A stop not
 //! honoured within [`ChildSpec::stop_timeout`] becomes `SIGKILL`.
@@ -64,7 +64,7 @@
 //! - A process that dies takes with it what it held: envelopes queued or unacknowledged
 //!   towards it come back from its link as lost (never written: sure; unacknowledged:
 //!   unknown), envelopes it took but did not answer end `Unknown(destination down)` at
-//!   their origins once its route is withdrawn ([`Listener::on_node_down`]).
+//!   their origins once its route is withdrawn ([`Event::NodeDown`]).
 //! - While no process holds the name (between a crash and the restart), envelopes sent to
 //!   it are lost for sure (`no route`: safe to retry) by default; with
 //!   [`WhileDown::Queue`] the supervisor holds the name in custody and up to `capacity`
@@ -77,17 +77,17 @@
 //! # Exits and waits
 //!
 //! Every process of a child ends in exactly one [`SupervisionEvent::Exited`] with its
-//! [`ExitStatus`] and what follows, whatever reaped it (the bus reaps in
+//! [`ExitStatus`](forkbus_node::ExitStatus) and what follows, whatever reaped it (the bus reaps in
 //! one place and never hands a status to anyone else). [`Supervisor::wait`] and
 //! [`Supervisor::wait_all`] run the loop until children are finished, with a timeout.
 
-mod agent;
+pub(crate) mod agent;
 mod core;
 mod custody;
-mod error;
+pub(crate) mod error;
 mod policy;
 mod proto;
-mod types;
+pub(crate) mod types;
 
 use crate::child::PidExt;
 use std::collections::BTreeMap;
@@ -109,11 +109,14 @@ pub(crate) use agent::JobFn;
 
 use self::core::{Core, Effects, ForkOrder, ReloadRefusal};
 use crate::bus::{Bus, ForkOptions};
-use crate::listener::Listener;
-use crate::pool::{PoolState, TaskOutcome};
+use crate::event::{Event, ServiceEvent};
+use crate::listener::Service;
+use crate::pool::state::PoolState;
+use crate::pool::types::TaskOutcome;
 use crate::timer::TimerId;
+use forkbus_node::LinkInfo;
+use forkbus_node::Pid;
 use forkbus_node::Relation;
-use forkbus_node::{ExitStatus, Pid};
 use proto::Frame;
 
 /// The closure every process of a child runs.
@@ -167,7 +170,7 @@ struct Entry {
     config: SupervisorConfig,
     starts: Vec<StartFn>,
     timer: Option<(TimerId, Timestamp)>,
-    pool: Option<PoolState>,
+    pool: Option<PoolState<JobFn>>,
     /// Names held in custody for children that are down ([`WhileDown::Queue`]).
     held: BTreeMap<ChildId, String>,
 }
@@ -180,9 +183,6 @@ struct ActiveWait {
     expired: bool,
 }
 
-/// Listener priority of a supervisor's own listener: before the application's.
-const PRIORITY: i32 = i32::MIN;
-
 impl Supervisor {
     /// A supervisor in this bus, reloading on `SIGHUP`.
     pub fn new(bus: &mut Bus) -> Self {
@@ -191,10 +191,10 @@ impl Supervisor {
 
     /// A supervisor with a configuration.
     pub fn with_config(bus: &mut Bus, config: SupervisorConfig) -> Self {
-        let reg = &mut bus.supervision;
+        let reg = registry(bus);
         let id = SupervisorId(u32::try_from(reg.supervisors.len()).unwrap_or(u32::MAX));
         let seed = u64::from(crate::clock::nonce(id.0)) << 32 | u64::from(bus.pid().as_raw());
-        bus.supervision.supervisors.push(Some(Entry {
+        registry(bus).supervisors.push(Some(Entry {
             core: Core::new(id, seed),
             config,
             starts: Vec::new(),
@@ -202,7 +202,6 @@ impl Supervisor {
             pool: None,
             held: BTreeMap::new(),
         }));
-        bus.add_listener(PRIORITY, SupervisorListener { id });
         Self { id }
     }
 
@@ -240,7 +239,7 @@ impl Supervisor {
             return Err(SuperviseError::ShuttingDown);
         }
         validate(bus, &spec)?;
-        match bus.supervision.supervisors.get_mut(self.id.0 as usize) {
+        match registry(bus).supervisors.get_mut(self.id.0 as usize) {
             // The closure of child `n` is `starts[n]`: in place before its first fork.
             Some(Some(e)) => e.starts.push(worker),
             _ => return Err(SuperviseError::NoSuchSupervisor),
@@ -395,7 +394,12 @@ fn validate(bus: &Bus, spec: &ChildSpec) -> Result<(), SuperviseError> {
 }
 
 fn entry(bus: &Bus, id: SupervisorId) -> Option<&Entry> {
-    reg_entry(&bus.supervision, id)
+    reg_entry(bus.service_state_ref::<Registry>()?, id)
+}
+
+/// The supervision state of a bus.
+pub(crate) fn registry(bus: &mut Bus) -> &mut Registry {
+    bus.service_state::<Registry>()
 }
 
 fn reg_entry(reg: &Registry, id: SupervisorId) -> Option<&Entry> {
@@ -481,9 +485,9 @@ fn send_to(bus: &mut Bus, to: Relation, frame: &Frame) -> bool {
 fn operate<R>(
     bus: &mut Bus,
     id: SupervisorId,
-    op: impl FnOnce(&mut Core, Option<&mut PoolState>, &mut Shell<'_>) -> R,
+    op: impl FnOnce(&mut Core, Option<&mut PoolState<JobFn>>, &mut Shell<'_>) -> R,
 ) -> Option<R> {
-    let mut entry = bus.supervision.supervisors.get_mut(id.0 as usize)?.take()?;
+    let mut entry = registry(bus).supervisors.get_mut(id.0 as usize)?.take()?;
     let job = entry.pool.as_ref().map(PoolState::job);
     let draining = bus.is_stopping() && !entry.core.is_shutting_down();
     let (result, events, mut outcomes) = {
@@ -523,12 +527,12 @@ fn operate<R>(
     }
     custody::after_events(bus, &mut entry, &events);
     rearm(bus, id, &mut entry);
-    bus.supervision.supervisors[id.0 as usize] = Some(entry);
+    registry(bus).supervisors[id.0 as usize] = Some(entry);
     for event in events {
-        bus.defer(move |bus| bus.emit("on_supervision", |l, b| l.on_supervision(b, &event)));
+        bus.defer(move |bus| bus.emit(Event::Service(ServiceEvent::Supervision(event))));
     }
     for outcome in outcomes {
-        bus.defer(move |bus| bus.emit("on_task", |l, b| l.on_task(b, &outcome)));
+        bus.defer(move |bus| bus.emit(Event::Service(ServiceEvent::Task(outcome))));
     }
     check_wait(bus);
     Some(result)
@@ -553,7 +557,7 @@ fn rearm(bus: &mut Bus, id: SupervisorId, entry: &mut Entry) {
 }
 
 fn on_timer(bus: &mut Bus, id: SupervisorId) {
-    if let Some(Some(e)) = bus.supervision.supervisors.get_mut(id.0 as usize) {
+    if let Some(Some(e)) = registry(bus).supervisors.get_mut(id.0 as usize) {
         e.timer = None;
     }
     operate(bus, id, |core, _, fx| {
@@ -564,10 +568,10 @@ fn on_timer(bus: &mut Bus, id: SupervisorId) {
 
 /// Stops the loop when the condition of the blocking wait in progress holds.
 fn check_wait(bus: &mut Bus) {
-    let reg = &bus.supervision;
+    let reg = registry(bus);
     let met = reg.wait.as_ref().is_some_and(|w| !w.met && (w.cond)(reg));
     if met {
-        if let Some(w) = &mut bus.supervision.wait {
+        if let Some(w) = &mut registry(bus).wait {
             w.met = true;
         }
         bus.stop();
@@ -576,85 +580,111 @@ fn check_wait(bus: &mut Bus) {
 
 /// Runs the loop until `cond` holds or `timeout` passes.
 pub(crate) fn run_until(bus: &mut Bus, timeout: Duration, cond: WaitCond) -> Result<(), WaitError> {
-    if cond(&bus.supervision) {
+    if cond(registry(bus)) {
         return Ok(());
     }
-    if bus.in_loop() || bus.supervision.wait.is_some() {
+    if bus.in_loop() || registry(bus).wait.is_some() {
         return Err(WaitError::InsideLoop);
     }
-    bus.supervision.wait = Some(ActiveWait {
+    registry(bus).wait = Some(ActiveWait {
         cond,
         met: false,
         expired: false,
     });
     let timer = bus.add_timer(timeout, |bus| {
-        if let Some(w) = &mut bus.supervision.wait {
+        if let Some(w) = &mut registry(bus).wait {
             w.expired = true;
         }
         bus.stop();
     });
     let ran = bus.run();
     bus.cancel_timer(timer);
-    let wait = bus.supervision.wait.take();
+    let wait = registry(bus).wait.take();
     let stop = ran.map_err(WaitError::Io)?;
     match wait {
-        Some(w) if w.met || (w.cond)(&bus.supervision) => Ok(()),
+        Some(w) if w.met || (w.cond)(registry(bus)) => Ok(()),
         Some(w) if w.expired => Err(WaitError::Timeout),
         _ => Err(WaitError::Interrupted(stop)),
     }
 }
 
-/// A supervisor's own listener: child exits, `SIGHUP`, the bus's shutdown.
-struct SupervisorListener {
-    id: SupervisorId,
+/// Supervision as a service of the bus: child exits, `SIGHUP` and the bus's shutdown go to
+/// every supervisor of this process, supervision frames to the supervisors and the agent,
+/// and a supervised worker's agent counts the messages its listeners handled.
+pub(crate) struct SupervisionService;
+
+impl Service for SupervisionService {
+    fn on_event(&self, bus: &mut Bus, event: &Event) {
+        match event {
+            Event::ChildExit { pid, status } => {
+                for id in supervisor_ids(bus) {
+                    operate(bus, id, |core, _, fx| {
+                        let now = crate::clock::monotonic_now();
+                        core.handle_exit(now, *pid, *status, fx)
+                    });
+                }
+            }
+            Event::Signal(signal) if *signal == Signal::SIGHUP as i32 => {
+                for id in supervisor_ids(bus) {
+                    if !entry(bus, id).is_some_and(|e| e.config.reload_on_sighup) {
+                        continue;
+                    }
+                    match (Supervisor { id }).reload(bus) {
+                        Ok(n) => tracing::info!(children = n, "SIGHUP: rolling reload"),
+                        Err(e) => tracing::info!(error = %e, "SIGHUP: reload refused"),
+                    }
+                }
+            }
+            Event::Shutdown => {
+                agent::on_shutdown();
+                for id in supervisor_ids(bus) {
+                    operate(bus, id, |core, _, fx| core.shutdown(fx));
+                    // Nothing restarts now: names held for down children are given up
+                    // (what they held is reported lost to its origins).
+                    let held = match registry(bus).supervisors.get_mut(id.0 as usize) {
+                        Some(Some(e)) => std::mem::take(&mut e.held),
+                        _ => BTreeMap::new(),
+                    };
+                    for name in held.into_values() {
+                        bus.release_held_name(&name);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn after_event(&self, bus: &mut Bus, event: &Event) {
+        // A message counts once every listener has handled it.
+        if let Event::Message(_) = event {
+            agent::handled_one(bus);
+        }
+    }
+
+    fn on_control(&self, bus: &mut Bus, from: LinkInfo, code: u32, data: &[u8]) -> bool {
+        on_control(bus, from.relation, from.forked, code, data)
+    }
 }
 
-impl Listener for SupervisorListener {
-    fn on_child_exit(&mut self, bus: &mut Bus, pid: Pid, status: ExitStatus) {
-        operate(bus, self.id, |core, _, fx| {
-            let now = crate::clock::monotonic_now();
-            core.handle_exit(now, pid, status, fx)
-        });
-    }
-
-    fn on_signal(&mut self, bus: &mut Bus, signal: i32) {
-        let wanted = entry(bus, self.id).is_some_and(|e| e.config.reload_on_sighup);
-        if signal == Signal::SIGHUP as i32 && wanted {
-            match (Supervisor { id: self.id }).reload(bus) {
-                Ok(n) => tracing::info!(children = n, "SIGHUP: rolling reload"),
-                Err(e) => tracing::info!(error = %e, "SIGHUP: reload refused"),
-            }
-        }
-    }
-
-    fn on_shutdown(&mut self, bus: &mut Bus) {
-        operate(bus, self.id, |core, _, fx| core.shutdown(fx));
-        // Nothing restarts now: names held for down children are given up (what they held
-        // is reported lost to its origins).
-        let held = match bus.supervision.supervisors.get_mut(self.id.0 as usize) {
-            Some(Some(e)) => std::mem::take(&mut e.held),
-            _ => BTreeMap::new(),
-        };
-        for name in held.into_values() {
-            bus.release_held_name(&name);
-        }
-    }
+/// The supervisors of this process.
+fn supervisor_ids(bus: &Bus) -> Vec<SupervisorId> {
+    bus.service_state_ref::<Registry>()
+        .map(|r| {
+            (0..r.supervisors.len())
+                .map(|i| SupervisorId(u32::try_from(i).unwrap_or(u32::MAX)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A supervision control frame from a neighbour (`forked`: a child this process forked,
 /// not a program started with `Bus::exec_node`). `false`: malformed, or from a neighbour
 /// that may not send it ([`proto::accepted`]); the bus reports it as a bad control frame
 /// and nothing else happens.
-pub(crate) fn on_control(
-    bus: &mut Bus,
-    from: Relation,
-    forked: bool,
-    code: u32,
-    data: &[u8],
-) -> bool {
+fn on_control(bus: &mut Bus, from: Relation, forked: bool, code: u32, data: &[u8]) -> bool {
     let sender = match from {
         Relation::Parent => proto::Sender::Parent {
-            supervised: bus.supervision.agent.is_some(),
+            supervised: registry(bus).agent.is_some(),
         },
         Relation::Child(pid) => proto::Sender::Child {
             forked,
@@ -709,7 +739,7 @@ pub(crate) fn forged_frame(kind: &str) -> Option<(u32, Vec<u8>)> {
 /// The supervisor of this process that owns a process (until it is reaped).
 fn owner_of(bus: &Bus, pid: Pid) -> Option<SupervisorId> {
     let index = bus
-        .supervision
+        .service_state_ref::<Registry>()?
         .supervisors
         .iter()
         .position(|e| e.as_ref().is_some_and(|e| e.core.owns(pid)))?;
@@ -723,7 +753,7 @@ fn on_child_frame(bus: &mut Bus, pid: Pid, frame: Frame) -> bool {
             name,
             restarts,
         };
-        bus.defer(move |bus| bus.emit("on_supervision", |l, b| l.on_supervision(b, &event)));
+        bus.defer(move |bus| bus.emit(Event::Service(ServiceEvent::Supervision(event))));
         return true;
     }
     let Some(id) = owner_of(bus, pid) else {
@@ -755,8 +785,8 @@ fn on_child_frame(bus: &mut Bus, pid: Pid, frame: Frame) -> bool {
 }
 
 /// The job handler and the pool state of a supervisor that runs a task pool.
-pub(crate) fn attach_pool(bus: &mut Bus, id: SupervisorId, pool: PoolState) {
-    if let Some(Some(e)) = bus.supervision.supervisors.get_mut(id.0 as usize) {
+pub(crate) fn attach_pool(bus: &mut Bus, id: SupervisorId, pool: PoolState<JobFn>) {
+    if let Some(Some(e)) = registry(bus).supervisors.get_mut(id.0 as usize) {
         e.pool = Some(pool);
     }
 }
@@ -765,13 +795,13 @@ pub(crate) fn attach_pool(bus: &mut Bus, id: SupervisorId, pool: PoolState) {
 pub(crate) fn with_pool<R>(
     bus: &mut Bus,
     id: SupervisorId,
-    op: impl FnOnce(&mut PoolState, &mut Vec<TaskOutcome>) -> R,
+    op: impl FnOnce(&mut PoolState<JobFn>, &mut Vec<TaskOutcome>) -> R,
 ) -> Option<R> {
     operate(bus, id, |_, pool, fx| pool.map(|p| op(p, &mut fx.outcomes)))?
 }
 
 /// Reads a supervisor's pool.
-pub(crate) fn pool_ref(bus: &Bus, id: SupervisorId) -> Option<&PoolState> {
+pub(crate) fn pool_ref(bus: &Bus, id: SupervisorId) -> Option<&PoolState<JobFn>> {
     entry(bus, id)?.pool.as_ref()
 }
 
@@ -780,7 +810,7 @@ pub(crate) fn wait_pool(
     bus: &mut Bus,
     id: SupervisorId,
     timeout: Duration,
-    cond: impl Fn(&PoolState) -> bool + 'static,
+    cond: impl Fn(&PoolState<JobFn>) -> bool + 'static,
 ) -> Result<(), WaitError> {
     let done = move |reg: &Registry| {
         reg_entry(reg, id)

@@ -282,7 +282,7 @@ impl StopReason {
     }
 }
 
-/// What a stopping worker is told ([`Listener::on_stopping`](crate::Listener::on_stopping)).
+/// What a stopping worker is told ([`ServiceEvent::Stopping`](crate::ServiceEvent::Stopping)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StopRequest {
@@ -346,7 +346,7 @@ pub enum AfterExit {
     Finished(Finish),
 }
 
-/// What a supervisor tells listeners ([`Listener::on_supervision`](crate::Listener::on_supervision)).
+/// What a supervisor tells listeners ([`ServiceEvent::Supervision`](crate::ServiceEvent::Supervision)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SupervisionEvent {

@@ -1,405 +1,15 @@
-//! A task pool (Swoole's task workers): supervised worker processes that run jobs for the
-//! process that owns the pool, with an outcome for every job.
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use forkbus_runtime::pool::{PoolConfig, TaskPool};
-//! use forkbus_runtime::{Bus, BusConfig};
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let mut bus = Bus::root(BusConfig::default())?;
-//! let pool = TaskPool::start(&mut bus, PoolConfig::new(4), |_bus, n: u64| n * n)?;
-//! let ids: Vec<_> = (0..100u64).map(|n| pool.submit(&mut bus, &n)).collect::<Result<_, _>>()?;
-//! for outcome in pool.wait_many(&mut bus, &ids, Duration::from_secs(10))? {
-//!     let square: Option<u64> = outcome.value().and_then(Result::ok);
-//!     println!("{}: {square:?}", outcome.task);
-//! }
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! Jobs travel to workers as link-level control frames of the supervision protocol (never
-//! seen by listeners' `on_message`), at most [`PoolConfig::window`] per worker at a time;
-//! the rest wait in the pool (bounded by [`PoolConfig::max_pending`]). An idle worker is
-//! preferred, otherwise the next one with room in round-robin order. Every job ends in
-//! exactly one [`TaskOutcome`], delivered to the owner's listeners
-//! ([`Listener::on_task`](crate::Listener::on_task)) and kept for [`TaskPool::wait`]:
-//!
-//! - [`TaskResult::Done`]: the handler's value; [`TaskResult::Failed`]: it panicked or the
-//!   job could not be decoded;
-//! - [`TaskResult::Lost`]: the worker holding it died first (a job marked idempotent is
-//!   sent again, once, before it is reported lost);
-//! - [`TaskResult::TimedOut`]: no result within its timeout (a late result is dropped and
-//!   counted).
-//!
-//! A result the worker wrote before dying still counts: the bus reads a dead child's
-//! socket to the end before it reports the exit.
+//! The pool's bookkeeping as a state machine: no I/O (sends go through a callback), time
+//! as `now`.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
-use std::rc::Rc;
 use std::time::Duration;
 
 use forkbus_router::Timestamp;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 
-use crate::bus::Bus;
+use super::types::{PoolConfig, PoolStats, TaskId, TaskOptions, TaskOutcome, TaskResult};
 use crate::child::Pid;
-use crate::error::{DecodeError, SendError};
-use crate::message::{decode, encode_local};
-use crate::supervisor::{
-    self, ChildSpec, JobFn, PoolError, SuperviseError, Supervisor, SupervisorConfig, WaitError,
-};
-
-/// A job of a pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TaskId(u64);
-
-impl TaskId {
-    /// Its number (unique in its pool).
-    pub fn as_u64(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for TaskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "task {}", self.0)
-    }
-}
-
-/// How a job ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum TaskResult {
-    /// The handler's value, encoded (see [`TaskOutcome::value`]).
-    Done(Vec<u8>),
-    /// The handler panicked, or the job was not the type the handler takes.
-    Failed(String),
-    /// The worker holding the job died before its result came.
-    Lost {
-        /// The worker.
-        worker: Pid,
-    },
-    /// No result within the job's timeout.
-    TimedOut,
-}
-
-/// A job's one outcome.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TaskOutcome {
-    /// The job.
-    pub task: TaskId,
-    /// How it ended.
-    pub result: TaskResult,
-    /// Whether it was sent a second time (idempotent, after its first worker died).
-    pub retried: bool,
-}
-
-impl TaskOutcome {
-    /// The handler's value, decoded; `None` unless the job is [`TaskResult::Done`].
-    pub fn value<R: DeserializeOwned>(&self) -> Option<Result<R, DecodeError>> {
-        match &self.result {
-            TaskResult::Done(bytes) => Some(decode(bytes)),
-            _ => None,
-        }
-    }
-
-    /// Whether the job was lost with a worker.
-    pub fn is_lost(&self) -> bool {
-        matches!(self.result, TaskResult::Lost { .. })
-    }
-}
-
-/// Per-job options.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TaskOptions {
-    /// A timeout instead of the pool's.
-    pub timeout: Option<Duration>,
-    /// Running the job twice is harmless: if its worker dies, send it once more before
-    /// reporting it lost.
-    pub idempotent: bool,
-}
-
-impl TaskOptions {
-    /// Marks the job idempotent.
-    #[must_use]
-    pub fn idempotent(mut self) -> Self {
-        self.idempotent = true;
-        self
-    }
-
-    /// Sets its timeout.
-    #[must_use]
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-}
-
-/// How a pool is set up.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PoolConfig {
-    /// Worker processes.
-    pub workers: usize,
-    /// Workers are named `{name}.{index}` when set.
-    pub name: Option<String>,
-    /// The spec of every worker (its name is replaced as above).
-    pub worker: ChildSpec,
-    /// Jobs a worker holds at most (sent, no result yet).
-    pub window: usize,
-    /// Jobs waiting or running at most; beyond, [`TaskPool::submit`] refuses.
-    pub max_pending: usize,
-    /// Default timeout of a job (`None`: none).
-    pub task_timeout: Option<Duration>,
-    /// Outcomes kept for [`TaskPool::take`] and waits at most (the oldest are forgotten
-    /// first; every outcome reaches `on_task` regardless).
-    pub max_kept: usize,
-    /// A `SIGHUP` reloads the workers one at a time.
-    pub reload_on_sighup: bool,
-}
-
-impl PoolConfig {
-    /// A pool of `workers` workers with the defaults.
-    pub fn new(workers: usize) -> Self {
-        Self {
-            workers,
-            name: None,
-            worker: ChildSpec::default(),
-            window: 16,
-            max_pending: 1 << 16,
-            task_timeout: Some(Duration::from_secs(60)),
-            max_kept: 1 << 16,
-            reload_on_sighup: true,
-        }
-    }
-
-    /// Names the workers `{name}.{index}`.
-    #[must_use]
-    pub fn named(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
-
-    /// Sets the spec of every worker.
-    #[must_use]
-    pub fn worker(mut self, spec: ChildSpec) -> Self {
-        self.worker = spec;
-        self
-    }
-
-    /// Sets the per-worker window.
-    #[must_use]
-    pub fn window(mut self, window: usize) -> Self {
-        self.window = window;
-        self
-    }
-
-    /// Sets the default job timeout.
-    #[must_use]
-    pub fn task_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.task_timeout = timeout;
-        self
-    }
-}
-
-/// What a pool did so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PoolStats {
-    /// Jobs accepted.
-    pub submitted: u64,
-    /// Jobs with a result.
-    pub done: u64,
-    /// Jobs whose handler failed.
-    pub failed: u64,
-    /// Jobs lost with their worker.
-    pub lost: u64,
-    /// Jobs sent a second time after their worker died.
-    pub retried: u64,
-    /// Jobs that timed out.
-    pub timed_out: u64,
-    /// Results that came after their job timed out (dropped).
-    pub late: u64,
-    /// Jobs waiting for a worker now.
-    pub queued: u64,
-    /// Jobs at workers now.
-    pub running: u64,
-}
-
-/// A pool of supervised worker processes running jobs. A handle (copyable): the bus keeps
-/// the state. See the [module documentation](self).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TaskPool {
-    sup: Supervisor,
-}
-
-impl TaskPool {
-    /// Starts a pool whose workers run `handler` on every job (decoded as a `J`; the `R`
-    /// it returns is the job's result). Workers are supervised children (restarted always
-    /// by default; the spec in `config` applies).
-    pub fn start<J, R, F>(
-        bus: &mut Bus,
-        config: PoolConfig,
-        handler: F,
-    ) -> Result<Self, SuperviseError>
-    where
-        J: DeserializeOwned,
-        R: Serialize,
-        F: Fn(&mut Bus, J) -> R + 'static,
-    {
-        Self::start_with(bus, config, |_| {}, handler)
-    }
-
-    /// [`start`](Self::start) with `init` run first in every worker process (listeners,
-    /// state).
-    pub fn start_with<I, J, R, F>(
-        bus: &mut Bus,
-        config: PoolConfig,
-        init: I,
-        handler: F,
-    ) -> Result<Self, SuperviseError>
-    where
-        I: Fn(&mut Bus) + 'static,
-        J: DeserializeOwned,
-        R: Serialize,
-        F: Fn(&mut Bus, J) -> R + 'static,
-    {
-        if config.workers == 0 || config.window == 0 {
-            return Err(SuperviseError::InvalidSpec(
-                "a pool needs workers and a window",
-            ));
-        }
-        let job: JobFn = Rc::new(move |bus: &mut Bus, bytes: &[u8]| {
-            let input: J = decode(bytes).map_err(|e| e.to_string())?;
-            let output = handler(bus, input);
-            let max = (bus.router().config().max_frame as usize).saturating_sub(64);
-            encode_local(&output, max).map_err(|e| e.to_string())
-        });
-        let sup = Supervisor::with_config(
-            bus,
-            SupervisorConfig {
-                reload_on_sighup: config.reload_on_sighup,
-            },
-        );
-        supervisor::attach_pool(bus, sup.id(), PoolState::new(&config, job));
-        let init: Rc<dyn Fn(&mut Bus)> = Rc::new(init);
-        for i in 0..config.workers {
-            let mut spec = config.worker.clone();
-            spec.name = config.name.as_ref().map(|n| format!("{n}.{i}"));
-            sup.spawn_rc(bus, spec, init.clone())?;
-        }
-        Ok(Self { sup })
-    }
-
-    /// The supervisor of the workers (their pids, events, reload).
-    pub fn supervisor(&self) -> Supervisor {
-        self.sup
-    }
-
-    /// Submits a job with the pool's default options.
-    pub fn submit<J: Serialize + ?Sized>(
-        &self,
-        bus: &mut Bus,
-        job: &J,
-    ) -> Result<TaskId, PoolError> {
-        self.submit_with(bus, job, TaskOptions::default())
-    }
-
-    /// Submits a job. Its outcome comes to the listeners' `on_task` and is kept for
-    /// [`wait`](Self::wait) and [`take`](Self::take).
-    pub fn submit_with<J: Serialize + ?Sized>(
-        &self,
-        bus: &mut Bus,
-        job: &J,
-        options: TaskOptions,
-    ) -> Result<TaskId, PoolError> {
-        if bus.is_stopping() {
-            return Err(PoolError::ShuttingDown);
-        }
-        let max = (bus.router().config().max_frame as usize).saturating_sub(64);
-        // Refused while encoding, before a job too large is encoded whole.
-        let payload = encode_local(job, max).map_err(|e| match e {
-            SendError::Router(forkbus_router::Error::PayloadTooLarge { len, .. }) => {
-                PoolError::TooLarge { len, max }
-            }
-            other => PoolError::Encode(other.to_string()),
-        })?;
-        if payload.len() > max {
-            return Err(PoolError::TooLarge {
-                len: payload.len(),
-                max,
-            });
-        }
-        let now = bus.now();
-        supervisor::with_pool(bus, self.sup.id(), |pool, _| {
-            pool.submit(now, payload, options)
-        })
-        .unwrap_or(Err(PoolError::NoSuchPool))
-    }
-
-    /// Takes a job's kept outcome, if it has one.
-    pub fn take(&self, bus: &mut Bus, task: TaskId) -> Option<TaskOutcome> {
-        supervisor::with_pool(bus, self.sup.id(), |pool, _| pool.take(task.0)).flatten()
-    }
-
-    /// Runs the loop until the job has an outcome (taken out of the pool's keeping) or the
-    /// timeout passes.
-    pub fn wait(
-        &self,
-        bus: &mut Bus,
-        task: TaskId,
-        timeout: Duration,
-    ) -> Result<TaskOutcome, WaitError> {
-        if !supervisor::pool_ref(bus, self.sup.id()).is_some_and(|p| p.knows(task.0)) {
-            return Err(WaitError::NotFound);
-        }
-        supervisor::wait_pool(bus, self.sup.id(), timeout, move |p| p.has_outcome(task.0))?;
-        self.take(bus, task).ok_or(WaitError::NotFound)
-    }
-
-    /// Runs the loop until every job has an outcome or the timeout passes; returns the
-    /// outcomes that came, in the order asked (taken out of the pool's keeping). Fewer than
-    /// asked means the timeout passed (or some were not this pool's).
-    pub fn wait_many(
-        &self,
-        bus: &mut Bus,
-        tasks: &[TaskId],
-        timeout: Duration,
-    ) -> Result<Vec<TaskOutcome>, WaitError> {
-        let ids: Vec<u64> = tasks.iter().map(|t| t.0).collect();
-        let watch = ids.clone();
-        // Checked after every event: a cursor over the ids keeps it amortized O(1).
-        let cursor = std::cell::Cell::new(0usize);
-        match supervisor::wait_pool(bus, self.sup.id(), timeout, move |p| {
-            let mut i = cursor.get();
-            while i < watch.len() && (p.has_outcome(watch[i]) || !p.knows(watch[i])) {
-                i += 1;
-            }
-            cursor.set(i);
-            i == watch.len()
-        }) {
-            Ok(()) | Err(WaitError::Timeout) => {}
-            Err(e) => return Err(e),
-        }
-        Ok(ids
-            .into_iter()
-            .filter_map(|id| self.take(bus, TaskId(id)))
-            .collect())
-    }
-
-    /// Counters.
-    pub fn stats(&self, bus: &Bus) -> PoolStats {
-        supervisor::pool_ref(bus, self.sup.id()).map_or_else(PoolStats::default, PoolState::stats)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The pool's bookkeeping: no I/O (sends go through a callback), time as `now`.
+use crate::supervisor::error::PoolError;
 
 #[derive(Debug)]
 struct Task {
@@ -413,12 +23,13 @@ struct Task {
 }
 
 /// The pool's state, kept beside its supervisor's.
-pub(crate) struct PoolState {
+/// `J` is the job handler the workers run (kept here, handed to each new worker).
+pub(crate) struct PoolState<J> {
     window: usize,
     max_pending: usize,
     task_timeout: Option<Duration>,
     max_kept: usize,
-    job: JobFn,
+    job: J,
     next_id: u64,
     queue: VecDeque<u64>,
     tasks: HashMap<u64, Task>,
@@ -431,7 +42,7 @@ pub(crate) struct PoolState {
     stats: PoolStats,
 }
 
-impl fmt::Debug for PoolState {
+impl<J> fmt::Debug for PoolState<J> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolState")
             .field("queued", &self.queue.len())
@@ -441,8 +52,8 @@ impl fmt::Debug for PoolState {
     }
 }
 
-impl PoolState {
-    pub(crate) fn new(config: &PoolConfig, job: JobFn) -> Self {
+impl<J: Clone> PoolState<J> {
+    pub(crate) fn new(config: &PoolConfig, job: J) -> Self {
         Self {
             window: config.window.max(1),
             max_pending: config.max_pending,
@@ -461,7 +72,7 @@ impl PoolState {
         }
     }
 
-    pub(crate) fn job(&self) -> JobFn {
+    pub(crate) fn job(&self) -> J {
         self.job.clone()
     }
 
@@ -698,9 +309,8 @@ impl PoolState {
 mod tests {
     use super::*;
 
-    fn state(window: usize) -> PoolState {
-        let job: JobFn = Rc::new(|_: &mut Bus, b: &[u8]| Ok(b.to_vec()));
-        PoolState::new(&PoolConfig::new(2).window(window), job)
+    fn state(window: usize) -> PoolState<()> {
+        PoolState::new(&PoolConfig::new(2).window(window), ())
     }
 
     fn ms(n: u64) -> Timestamp {
@@ -712,7 +322,7 @@ mod tests {
     }
 
     /// Dispatches and returns (worker, job) in the order sent.
-    fn dispatch(s: &mut PoolState, workers: &[Pid]) -> Vec<(u32, u64)> {
+    fn dispatch(s: &mut PoolState<()>, workers: &[Pid]) -> Vec<(u32, u64)> {
         let mut sent = Vec::new();
         s.dispatch(workers, &mut |pid, id, _| {
             sent.push((pid.as_raw(), id));
@@ -808,11 +418,10 @@ mod tests {
 
     #[test]
     fn bounded_pending_and_kept() {
-        let job: JobFn = Rc::new(|_: &mut Bus, b: &[u8]| Ok(b.to_vec()));
         let mut config = PoolConfig::new(1);
         config.max_pending = 2;
         config.max_kept = 2;
-        let mut s = PoolState::new(&config, job);
+        let mut s = PoolState::new(&config, ());
         s.submit(ms(0), vec![], TaskOptions::default())
             .expect("room");
         s.submit(ms(0), vec![], TaskOptions::default())
