@@ -6,7 +6,8 @@
 //! no socket, reads no clock (every input that needs the time takes `now`), forks nothing,
 //! kills nothing and starts no thread. Where the world must change, it says so as data
 //! ([`Action::Kill`], [`NodeEvent`]); the runtime's bus makes the syscalls. Tests drive
-//! whole trees of nodes, with a fake process table, in the deterministic [`sim::ProcSim`].
+//! whole trees of nodes, with a fake process table, in the deterministic `sim::ProcSim`
+//! (feature `testing`).
 //!
 //! # Promises
 //!
@@ -27,6 +28,7 @@ mod control;
 mod drain;
 mod node;
 mod process;
+#[cfg(feature = "testing")]
 pub mod sim;
 mod tally;
 

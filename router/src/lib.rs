@@ -5,7 +5,7 @@
 //! deterministic state machine. It opens no socket, reads no clock (every input that needs
 //! the time takes `now`), starts no thread and touches no file. The runtime
 //! (`forkbus-runtime`) moves bytes and time in and out; tests drive many routers in the
-//! deterministic [`sim::Sim`].
+//! deterministic `sim::Sim` (feature `testing`).
 //!
 //! The shape is that of `quinn_proto::Connection`:
 //!
@@ -41,6 +41,47 @@
 //! ([`LinkRole`]); within that, a node may still lie about envelopes that passed through it
 //! (claim one it carried was lost). Receipts are believed only from the node an envelope is
 //! bound to.
+//!
+//! # The wire format
+//!
+//! Each link carries length-prefixed frames with compact CBOR bodies (version
+//! `WIRE_VERSION`, 2; a hello opens with the magic `"FKBS"`):
+//!
+//! ```text
+//!  0        4      5
+//!  ┌────────┬──────┬──────────────────────────────────────────────┐
+//!  │ len    │ kind │ body: one CBOR array (ciborium-ll)           │
+//!  │ u32 BE │ u8   │ integers, one byte string, a few text names  │
+//!  └────────┴──────┴──────────────────────────────────────────────┘
+//!  len counts kind + body and is checked against the frame limit before anything is
+//!  allocated for the frame.
+//!
+//!  hello     [magic, version, host, pid, incarnation]
+//!  envelope  [link_seq, o.host, o.pid, o.inc, seq, hops, hop_limit, flags,
+//!             dst_kind, dst.., payload, trace?]
+//!             dst_kind 0: node [host, pid, inc]   1: name [text]
+//!                      2: group [text]            3: broadcast []
+//!                      4: name at node [text, host, pid, inc]
+//!             trace (when flags has TRACE): [[host, pid, inc, link+1 or 0, at_nanos], ..]
+//!  ack       [cumulative envelope frames received]
+//!  routes    [[full..], [removed..], [delta..]]
+//!             full     [host, pid, inc, version, [names..], [groups..]]
+//!             removed  [host, pid, inc]
+//!             delta    [host, pid, inc, version, [+names..], [-names..], [+groups..], [-groups..]]
+//!  control   [code, data]
+//!  notice    [link_seq, o.host, o.pid, o.inc, seq, from.host, from.pid, from.inc, hops,
+//!             kind, arg..]   (numbered with the link's envelopes, acknowledged alike)
+//!             to the origin o of envelope seq, said by node `from`:
+//!             kind 0: delivered []   1: lost or unknown [fate code, receipt 0|1]
+//!             2: moved to a new holder [host, pid, inc] (custody handed it over)
+//! ```
+//!
+//! The header is an array of integers with no field names, and the payload one byte string,
+//! so an envelope costs a handful of bytes over its payload and decodes without serde (see
+//! the `cbor` module for the heads).
+//!
+//! The encoders and decoders (`wire`) and the simulator (`sim`) are public with the
+//! `testing` feature only: they are for tests, fuzzing and tools, not stable API.
 
 mod cbor;
 mod dedup;
@@ -49,10 +90,15 @@ mod event;
 mod hash;
 mod id;
 mod router;
+#[cfg(feature = "testing")]
 pub mod sim;
 mod stats;
 mod table;
+#[cfg(feature = "testing")]
 pub mod wire;
+#[cfg(not(feature = "testing"))]
+#[allow(unreachable_pub, dead_code)]
+mod wire;
 
 pub use dedup::{SeenTable, SeenWindow};
 pub use error::{Error, ProtocolError};

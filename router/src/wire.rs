@@ -1,37 +1,7 @@
 //! The wire: length-prefixed frames with compact CBOR bodies.
 //!
-//! ```text
-//!  0        4      5
-//!  ┌────────┬──────┬──────────────────────────────────────────────┐
-//!  │ len    │ kind │ body: one CBOR array (ciborium-ll)           │
-//!  │ u32 BE │ u8   │ integers, one byte string, a few text names  │
-//!  └────────┴──────┴──────────────────────────────────────────────┘
-//!  len counts kind + body and is checked against the frame limit before anything is
-//!  allocated for the frame.
-//!
-//!  hello     [magic, version, host, pid, incarnation]
-//!  envelope  [link_seq, o.host, o.pid, o.inc, seq, hops, hop_limit, flags,
-//!             dst_kind, dst.., payload, trace?]
-//!             dst_kind 0: node [host, pid, inc]   1: name [text]
-//!                      2: group [text]            3: broadcast []
-//!                      4: name at node [text, host, pid, inc]
-//!             trace (when flags has TRACE): [[host, pid, inc, link+1 or 0, at_nanos], ..]
-//!  ack       [cumulative envelope frames received]
-//!  routes    [[full..], [removed..], [delta..]]
-//!             full     [host, pid, inc, version, [names..], [groups..]]
-//!             removed  [host, pid, inc]
-//!             delta    [host, pid, inc, version, [+names..], [-names..], [+groups..], [-groups..]]
-//!  control   [code, data]
-//!  notice    [link_seq, o.host, o.pid, o.inc, seq, from.host, from.pid, from.inc, hops,
-//!             kind, arg..]   (numbered with the link's envelopes, acknowledged alike)
-//!             to the origin o of envelope seq, said by node `from`:
-//!             kind 0: delivered []   1: lost or unknown [fate code, receipt 0|1]
-//!             2: moved to a new holder [host, pid, inc] (custody handed it over)
-//! ```
-//!
-//! The header is an array of integers with no field names, and the payload one byte string,
-//! so an envelope costs a handful of bytes over its payload and decodes without serde (see
-//! the `cbor` module for the heads).
+//! The format is documented in the crate's documentation (*The wire format*), so that it
+//! stays readable without the `testing` feature that makes this module public.
 
 use crate::cbor::{head_len, put_head, read_head, ARRAY, BYTES, TEXT, UINT};
 
