@@ -4,7 +4,9 @@
 //! at its root the names a program needs: [`Bus`], [`Listener`], [`Message`], addresses
 //! ([`Address`], [`Destination`], [`to`]) and outcomes ([`Fate`]: a sure [`LossReason`] or an
 //! [`UnknownReason`]; [`LossReport`], [`PeerShutdown`]),
-//! and process management: [`Supervisor`] ([`supervisor`]) and [`TaskPool`] ([`pool`]).
+//! process management: [`Supervisor`] ([`supervisor`]) and [`TaskPool`] ([`pool`]),
+//! and errors: [`Error`], into which `?` turns every detail enum of the runtime
+//! ([`SendError`], [`ForkError`], [`NameError`], ...).
 
 pub use forkbus_router as router;
 pub use forkbus_runtime as runtime;
@@ -15,9 +17,10 @@ pub use forkbus_router::{
     RouterConfig, SendOptions, Timestamp, UnknownReason,
 };
 pub use forkbus_runtime::{
-    monotonic_now, to, Bus, BusConfig, BusError, BusHandle, DecodeError, Descriptors, Event,
-    ExitStatus, FdId, FdReady, ForkError, ForkOptions, Interest, Listener, ListenerId, Message,
-    NameError, PeerShutdown, Pid, Relation, SendError, ServiceEvent, Stop, Tally, TimerId,
+    monotonic_now, to, Bus, BusConfig, BusError, BusHandle, DecodeError, Descriptors, EncodeError,
+    Error, Event, ExitStatus, FdId, FdReady, ForkError, ForkOptions, Interest, Listener,
+    ListenerId, Message, NameError, PeerShutdown, Pid, Relation, SendError, ServiceEvent, Stop,
+    Tally, TimerId,
 };
 pub use forkbus_runtime::{
     pool, should_stop, supervisor, ChildSpec, Restart, SupervisionEvent, Supervisor, TaskId,

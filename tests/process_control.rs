@@ -1218,7 +1218,7 @@ fn privileges_scenario() -> Outcome {
     send(&next.tx, "next");
     let line = expect_line(&report.rx, Duration::from_secs(10))?;
     ensure!(
-        line.starts_with("second error ") && line.contains("Setgroups"),
+        line.starts_with("second error ") && line.contains("setgroups failed"),
         "regaining root: {line}"
     );
     ensure!(

@@ -14,6 +14,7 @@ use crate::wire::Envelope;
 
 /// Why an envelope surely did not reach its destination: safe to send again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LossReason {
     /// Queued for a link that went down before one byte of it was written.
     NeverWritten,
@@ -35,6 +36,7 @@ pub enum LossReason {
 /// Why an envelope's fate is unknown: it may have arrived. Sending it again may deliver
 /// it twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum UnknownReason {
     /// Written whole to a link that went down before the peer acknowledged it.
     Unacknowledged,

@@ -508,7 +508,7 @@ impl Bus {
     ///
     /// A value whose encoding passes the frame limit (`BusConfig::router.max_frame`) is
     /// refused as soon as it does, before it is encoded whole
-    /// ([`SendError::Router`] with `PayloadTooLarge`, whose `len` is then a lower bound).
+    /// ([`SendError::Encode`] with [`EncodeError::TooLarge`](crate::EncodeError::TooLarge)).
     pub fn send_with<T: Serialize + ?Sized>(
         &mut self,
         to: impl Into<Address>,

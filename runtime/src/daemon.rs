@@ -187,6 +187,22 @@ impl DaemonStage {
     }
 }
 
+impl fmt::Display for DaemonStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ResolvePath => "making the paths absolute",
+            Self::OpenStdio => "opening /dev/null or the log file",
+            Self::ReportPipe => "creating the report pipe",
+            Self::Fork => "forking",
+            Self::Setsid => "starting a session",
+            Self::Chdir => "changing directory",
+            Self::Redirect => "redirecting the standard streams",
+            Self::PidFile => "taking the pid file",
+            Self::Report => "reading the daemon's report",
+        })
+    }
+}
+
 /// What went wrong while daemonizing or with a pid file.
 #[non_exhaustive]
 #[derive(Debug)]
@@ -230,7 +246,7 @@ impl fmt::Display for DaemonError {
                 )
             }
             Self::ThreadCount(e) => write!(f, "counting threads failed: {e}"),
-            Self::Os { stage, source } => write!(f, "daemonize failed at {stage:?}: {source}"),
+            Self::Os { stage, source } => write!(f, "daemonize failed {stage}: {source}"),
             Self::PidFileHeld { path, pid } => {
                 write!(
                     f,
@@ -352,7 +368,7 @@ pub fn daemonize(config: DaemonConfig) -> Result<Daemonized, DaemonError> {
     match unsafe { nix::unistd::fork() }.map_err(errno(DaemonStage::Fork))? {
         ForkResult::Parent { child } => {
             drop(report_tx);
-            let report = read_report(report_rx).map_err(|e| fill_pid_path(e, pid_path.as_deref()));
+            let report = read_report(report_rx, pid_path.as_deref());
             // The intermediate exits at once; reap it so it leaves no zombie.
             while let Err(Errno::EINTR) = waitpid(child, None) {}
             report
@@ -502,7 +518,8 @@ fn decode_report(bytes: &[u8]) -> Option<Report> {
     }
 }
 
-fn read_report(rx: OwnedFd) -> Result<Daemonized, DaemonError> {
+/// The daemon's report; `pid_path` is the pid file it was to take, if any.
+fn read_report(rx: OwnedFd, pid_path: Option<&Path>) -> Result<Daemonized, DaemonError> {
     let mut buf = Vec::with_capacity(REPORT_LEN);
     // read_to_end retries EINTR and stops at EOF: when the daemon and the intermediate have
     // both closed their ends (by reporting, by exiting or by dying).
@@ -515,35 +532,31 @@ fn read_report(rx: OwnedFd) -> Result<Daemonized, DaemonError> {
     }
     match decode_report(&buf).ok_or(DaemonError::BadReport)? {
         Report::Ready { pid } => Ok(Daemonized::Original { daemon_pid: pid }),
+        // A pid file refused without a pid file to take is no report the daemon writes.
         Report::Failed {
             stage: DaemonStage::PidFile,
             errno: 0,
             pid,
-        } if pid > 0 => Err(DaemonError::PidFileHeld {
-            path: PathBuf::new(),
-            pid,
-        }),
+        } if pid > 0 => {
+            Err(
+                pid_path.map_or(DaemonError::BadReport, |path| DaemonError::PidFileHeld {
+                    path: path.to_owned(),
+                    pid,
+                }),
+            )
+        }
         Report::Failed {
             stage: DaemonStage::PidFile,
             errno: -1,
             ..
-        } => Err(DaemonError::PidFileContended(PathBuf::new())),
+        } => Err(pid_path.map_or(DaemonError::BadReport, |path| {
+            DaemonError::PidFileContended(path.to_owned())
+        })),
         Report::Failed { errno: 0, .. } => Err(DaemonError::BadReport),
         Report::Failed { stage, errno, .. } => Err(DaemonError::Os {
             stage,
             source: io::Error::from_raw_os_error(errno),
         }),
-    }
-}
-
-fn fill_pid_path(e: DaemonError, path: Option<&Path>) -> DaemonError {
-    match (e, path) {
-        (DaemonError::PidFileHeld { pid, .. }, Some(p)) => DaemonError::PidFileHeld {
-            path: p.to_owned(),
-            pid,
-        },
-        (DaemonError::PidFileContended(_), Some(p)) => DaemonError::PidFileContended(p.to_owned()),
-        (e, _) => e,
     }
 }
 
@@ -592,7 +605,7 @@ impl PidFile {
             })
         });
         let _ = fs::remove_file(&tmp);
-        let this = result.map_err(|e| fill_pid_path(e, Some(&path)))?;
+        let this = result?;
         HELD.lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push((this.path.clone(), pid));

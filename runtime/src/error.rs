@@ -1,4 +1,10 @@
-//! Errors, one enum per concern. OS failures stay [`std::io::Error`].
+//! Errors: one [`Error`] for the runtime, with a detail enum per concern beneath it.
+//!
+//! Each operation returns its own detail enum ([`SendError`], [`ForkError`],
+//! [`NameError`], ...): an expected refusal is a value the caller can act on (a full queue
+//! to wait out, a name held by another node). [`Error`] gathers them, so `?` works in a
+//! function that does several things; a refusal is never a string. OS failures stay
+//! [`io::Error`], wrapped as they came.
 
 use std::fmt;
 use std::io;
@@ -7,12 +13,62 @@ use forkbus_router::{Address, LinkId, NodeId, ProtocolError};
 
 use crate::listener_set::ListenerId;
 
+/// Why a value could not be encoded as CBOR. Nothing was sent or stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The encoding passed `limit` bytes and was stopped there, before the value was
+    /// encoded whole: it can never fit. How large it would have grown is not known.
+    TooLarge {
+        /// The most bytes the encoding may take (for a send: the frame limit, which holds
+        /// the payload and more).
+        limit: usize,
+    },
+    /// The value's `Serialize` implementation failed (a custom serde error: a map whose
+    /// keys fail to serialize, a `collect_str` whose `Display` failed, ...).
+    Serialize {
+        /// What the `Serialize` implementation said.
+        message: String,
+    },
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { limit } => {
+                write!(f, "the encoding passes the limit of {limit} bytes")
+            }
+            Self::Serialize { message } => write!(f, "the value failed to serialize: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for EncodeError {}
+
+impl EncodeError {
+    /// The [`io::ErrorKind`] of this refusal: too large is invalid input, a failed
+    /// `Serialize` invalid data.
+    pub(crate) fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            Self::TooLarge { .. } => io::ErrorKind::InvalidInput,
+            Self::Serialize { .. } => io::ErrorKind::InvalidData,
+        }
+    }
+}
+
+impl From<EncodeError> for io::Error {
+    fn from(e: EncodeError) -> Self {
+        Self::new(e.io_kind(), e)
+    }
+}
+
 /// Why a send was refused. Nothing was queued anywhere.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SendError {
-    /// The value could not be encoded as CBOR; the text is the encoder's.
-    Encode(String),
+    /// The value could not be encoded as CBOR (too large for a frame, or its `Serialize`
+    /// failed).
+    Encode(EncodeError),
     /// A link the envelope must go out on holds as much as it may. Wait for
     /// [`Listener::on_send_ready`](crate::Listener::on_send_ready) and send again.
     QueueFull {
@@ -29,8 +85,8 @@ pub enum SendError {
     /// The channel of a [`BusHandle`](crate::BusHandle) is full
     /// ([`try_send`](crate::BusHandle::try_send) only).
     HandleFull,
-    /// Another refusal of the routing core (too large, a receipt for a group, too many
-    /// pending receipts, an invalid name, ...).
+    /// Another refusal of the routing core (an envelope larger than a frame, a receipt for
+    /// a group, too many pending receipts, an invalid name, ...).
     Router(forkbus_router::Error),
 }
 
@@ -52,9 +108,16 @@ impl fmt::Display for SendError {
 impl std::error::Error for SendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
+            Self::Encode(e) => Some(e),
             Self::Router(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+impl From<EncodeError> for SendError {
+    fn from(e: EncodeError) -> Self {
+        Self::Encode(e)
     }
 }
 
@@ -69,14 +132,11 @@ impl SendError {
 }
 
 impl From<SendError> for io::Error {
+    /// A full queue or channel is `WouldBlock`, a bus gone `NotConnected`, a refusal of the
+    /// encoder or the router the kind of their own conversions; shutting down and a handle
+    /// in another process are `Other`.
     fn from(e: SendError) -> Self {
-        let kind = match &e {
-            SendError::QueueFull { .. } | SendError::HandleFull => io::ErrorKind::WouldBlock,
-            SendError::Disconnected => io::ErrorKind::NotConnected,
-            SendError::Encode(_) => io::ErrorKind::InvalidData,
-            _ => io::ErrorKind::Other,
-        };
-        Self::new(kind, e)
+        Self::new(send_kind(&e), e)
     }
 }
 
@@ -174,6 +234,13 @@ pub enum DecodeError {
         /// The type asked for.
         expected: &'static str,
     },
+    /// The bytes end inside a value (an empty payload, or one cut short).
+    Truncated {
+        /// The type asked for.
+        expected: &'static str,
+        /// How many bytes there were.
+        len: usize,
+    },
 }
 
 impl fmt::Display for DecodeError {
@@ -197,11 +264,41 @@ impl fmt::Display for DecodeError {
             Self::TooDeep { expected } => {
                 write!(f, "payload is not a {expected}: nested too deep")
             }
+            Self::Truncated { expected, len } => {
+                write!(
+                    f,
+                    "payload is not a {expected}: its {len} bytes end inside a value"
+                )
+            }
         }
     }
 }
 
 impl std::error::Error for DecodeError {}
+
+impl DecodeError {
+    /// The decoder's error, reading `len` bytes as an `expected`.
+    pub(crate) fn from_ciborium<E>(
+        e: ciborium::de::Error<E>,
+        expected: &'static str,
+        len: usize,
+    ) -> Self {
+        match e {
+            // Reading from a slice fails only at its end.
+            ciborium::de::Error::Io(_) => Self::Truncated { expected, len },
+            ciborium::de::Error::Syntax(offset) => Self::Syntax { expected, offset },
+            ciborium::de::Error::Semantic(_, detail) => Self::Mismatch { expected, detail },
+            ciborium::de::Error::RecursionLimitExceeded => Self::TooDeep { expected },
+        }
+    }
+}
+
+impl From<DecodeError> for io::Error {
+    /// Always `InvalidData`.
+    fn from(e: DecodeError) -> Self {
+        Self::new(io::ErrorKind::InvalidData, e)
+    }
+}
 
 /// A name or group name was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,6 +330,9 @@ pub enum NameError {
     /// ([`Listener::on_send_ready`](crate::Listener::on_send_ready) is not promised for
     /// this).
     Backlogged,
+    /// Another refusal of the routing core, as it came. The router refuses name
+    /// operations for none today but the reasons above; its error can grow.
+    Router(forkbus_router::Error),
 }
 
 impl fmt::Display for NameError {
@@ -244,23 +344,48 @@ impl fmt::Display for NameError {
             Self::Taken { name, holder } => write!(f, "name {name:?} is held by node {holder}"),
             Self::TooMany { max } => write!(f, "at the bound of {max} names or groups"),
             Self::Backlogged => f.write_str("a link's control output is backed up"),
+            Self::Router(e) => write!(f, "refused by the router: {e}"),
         }
     }
 }
 
-impl std::error::Error for NameError {}
+impl std::error::Error for NameError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Router(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl NameError {
-    /// The router's refusal of a name operation. The router refuses names for no other
-    /// reasons than these.
+    /// The router's refusal of a name operation: its reasons for refusing a name become
+    /// this enum's variants, anything else is passed on as [`NameError::Router`].
     pub(crate) fn from_router(e: forkbus_router::Error) -> Self {
         use forkbus_router::Error as E;
         match e {
             E::InvalidName { len, max } => Self::Invalid { len, max },
             E::NameTaken { name, holder } => Self::Taken { name, holder },
             E::TooManyNames { max } => Self::TooMany { max },
-            _ => Self::Backlogged,
+            // The router refuses an announcement while a link's control output is full.
+            E::QueueFull { .. } => Self::Backlogged,
+            other => Self::Router(other),
         }
+    }
+}
+
+impl From<NameError> for io::Error {
+    /// Invalid is `InvalidInput`, taken `AlreadyExists`, too many `QuotaExceeded`,
+    /// backlogged `WouldBlock`; a refusal of the router the kind of its conversion.
+    fn from(e: NameError) -> Self {
+        let kind = match &e {
+            NameError::Invalid { .. } => io::ErrorKind::InvalidInput,
+            NameError::Taken { .. } => io::ErrorKind::AlreadyExists,
+            NameError::TooMany { .. } => io::ErrorKind::QuotaExceeded,
+            NameError::Backlogged => io::ErrorKind::WouldBlock,
+            NameError::Router(router) => Self::from(router.clone()).kind(),
+        };
+        Self::new(kind, e)
     }
 }
 
@@ -384,5 +509,35 @@ impl std::error::Error for BusError {
             Self::HandleSend { error, .. } => Some(error),
             _ => None,
         }
+    }
+}
+
+impl From<BusError> for io::Error {
+    /// A failed socket call or poller keeps its kind (the detail wrapped around it); a
+    /// peer that broke the protocol or sent a bad control frame is `InvalidData`, one that
+    /// stopped reading `ConnectionAborted`; a refused handle send the kind of its
+    /// [`SendError`]; a caught panic `Other`.
+    fn from(e: BusError) -> Self {
+        let kind = match &e {
+            BusError::Io { error, .. } | BusError::Poller(error) => error.kind(),
+            BusError::Protocol { .. } | BusError::BadControl { .. } => io::ErrorKind::InvalidData,
+            BusError::Overrun { .. } => io::ErrorKind::ConnectionAborted,
+            BusError::HandleSend { error, .. } => send_kind(error),
+            BusError::ListenerPanicked { .. } | BusError::CallbackPanicked { .. } => {
+                io::ErrorKind::Other
+            }
+        };
+        Self::new(kind, e)
+    }
+}
+
+/// The kind [`SendError`]'s conversion gives, without converting it.
+fn send_kind(e: &SendError) -> io::ErrorKind {
+    match e {
+        SendError::QueueFull { .. } | SendError::HandleFull => io::ErrorKind::WouldBlock,
+        SendError::Disconnected => io::ErrorKind::NotConnected,
+        SendError::Encode(encode) => encode.io_kind(),
+        SendError::Router(router) => io::Error::from(router.clone()).kind(),
+        SendError::ShuttingDown | SendError::OtherProcess => io::ErrorKind::Other,
     }
 }

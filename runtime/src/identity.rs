@@ -69,8 +69,9 @@ pub enum IdentityError {
     /// The title is empty or contains a NUL byte, which neither `comm` nor the argument area
     /// can hold.
     InvalidTitle,
-    /// No user of this name or id exists in the user database.
-    UnknownUser(String),
+    /// No user of this name or id exists in the user database (for an id: it was needed
+    /// for the user's primary or supplementary groups).
+    UnknownUser(UserSpec),
     /// No group of this name or id exists in the group database.
     UnknownGroup(String),
     /// A name contains a NUL byte and cannot be looked up.
@@ -126,6 +127,17 @@ pub enum CredentialCall {
     Query,
 }
 
+impl fmt::Display for CredentialCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Setgroups => "setgroups",
+            Self::Setgid => "setgid",
+            Self::Setuid => "setuid",
+            Self::Query => "reading the credentials back",
+        })
+    }
+}
+
 /// What was found different from the request after a drop, in
 /// [`IdentityError::Verification`].
 #[non_exhaustive]
@@ -153,12 +165,13 @@ impl fmt::Display for IdentityError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::InvalidTitle => f.write_str("a process title must be non-empty and hold no NUL"),
-            Self::UnknownUser(u) => write!(f, "no such user: {u}"),
+            Self::UnknownUser(UserSpec::Name(u)) => write!(f, "no such user: {u}"),
+            Self::UnknownUser(UserSpec::Id(uid)) => write!(f, "no user with uid {uid}"),
             Self::UnknownGroup(g) => write!(f, "no such group: {g}"),
             Self::InvalidName(n) => write!(f, "name contains a NUL byte: {n:?}"),
             Self::Lookup(e) => write!(f, "user/group database lookup failed: {e}"),
             Self::CredentialCall { call, errno } => {
-                write!(f, "{call:?} failed while dropping privileges: {errno}")
+                write!(f, "{call} failed while dropping privileges: {errno}")
             }
             Self::Verification(m) => match m {
                 CredentialMismatch::Uid { expected, found } => {
@@ -661,7 +674,7 @@ impl PrivilegeDrop {
             UserSpec::Name(name) => Some(
                 User::from_name(name)
                     .map_err(IdentityError::Lookup)?
-                    .ok_or_else(|| IdentityError::UnknownUser(name.clone()))?,
+                    .ok_or_else(|| IdentityError::UnknownUser(self.user.clone()))?,
             ),
             UserSpec::Id(uid) => {
                 User::from_uid(Uid::from_raw(*uid)).map_err(IdentityError::Lookup)?
@@ -670,9 +683,9 @@ impl PrivilegeDrop {
         let uid = match (&user, &self.user) {
             (Some(u), _) => u.uid.as_raw(),
             (None, UserSpec::Id(uid)) => *uid,
-            (None, UserSpec::Name(name)) => return Err(IdentityError::UnknownUser(name.clone())),
+            (None, UserSpec::Name(_)) => return Err(IdentityError::UnknownUser(self.user.clone())),
         };
-        let unknown_user = || IdentityError::UnknownUser(uid.to_string());
+        let unknown_user = || IdentityError::UnknownUser(UserSpec::Id(uid));
         let gid = match &self.group {
             GroupSpec::OfUser => user.as_ref().ok_or_else(unknown_user)?.gid.as_raw(),
             GroupSpec::Id(gid) => *gid,

@@ -46,6 +46,9 @@
 //! - [`Supervisor`] ([`supervisor`]): supervised children that restart with backoff and an
 //!   intensity limit, keep their names, recycle after N messages, answer heartbeats and
 //!   reload one at a time; [`TaskPool`] ([`pool`]): jobs with exactly one outcome each.
+//! - Errors: each call returns its own detail enum ([`SendError`], [`ForkError`],
+//!   [`NameError`], ...), refusals as values to act on; [`Error`] gathers them all, so that
+//!   `?` converts any of them, and converts into an [`io::Error`](std::io::Error).
 //!
 //! # Processes and descriptors
 //!
@@ -85,12 +88,13 @@ pub mod shm;
 mod signals;
 pub mod supervisor;
 mod timer;
+mod umbrella;
 
 pub use bus::{
     Bus, BusConfig, Descriptors, ForkOptions, Stop, EXIT_OS_ERROR, EXIT_PANIC, EXIT_PARENT_GONE,
 };
 pub use clock::monotonic_now;
-pub use error::{BusError, DecodeError, ForkError, NameError, SendError};
+pub use error::{BusError, DecodeError, EncodeError, ForkError, NameError, SendError};
 pub use event::{Event, ServiceEvent};
 pub use forkbus_node::{ExitStatus, Pid, Tally};
 pub use forkbus_node::{PeerShutdown, Relation};
@@ -102,6 +106,7 @@ pub use pool::{TaskId, TaskOutcome, TaskPool};
 pub use reactor::{describe_fd, FdId, FdReady, Interest};
 pub use supervisor::{should_stop, ChildSpec, Restart, SupervisionEvent, Supervisor};
 pub use timer::TimerId;
+pub use umbrella::Error;
 
 pub use forkbus_router::{
     Address, Destination, Fate, LossReason, LossReport, LostEnvelope, MessageId, NodeId,

@@ -7,7 +7,7 @@ use forkbus_router::{Destination, Envelope, Hop, LinkId, MessageId, NodeId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::{DecodeError, SendError};
+use crate::error::{DecodeError, EncodeError};
 
 /// An envelope delivered to this node.
 #[derive(Clone, Debug)]
@@ -86,15 +86,7 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
         // Re-entered from inside a Deserialize impl: use a buffer of its own.
         Err(_) => ciborium::de::from_reader_with_buffer(&mut reader, &mut [0u8; 4096][..]),
     });
-    let value = result.map_err(|e| match e {
-        ciborium::de::Error::Io(_) => DecodeError::Syntax {
-            expected,
-            offset: payload.len(),
-        },
-        ciborium::de::Error::Syntax(offset) => DecodeError::Syntax { expected, offset },
-        ciborium::de::Error::Semantic(_, detail) => DecodeError::Mismatch { expected, detail },
-        ciborium::de::Error::RecursionLimitExceeded => DecodeError::TooDeep { expected },
-    })?;
+    let value = result.map_err(|e| DecodeError::from_ciborium(e, expected, payload.len()))?;
     if !reader.is_empty() {
         return Err(DecodeError::TrailingBytes {
             expected,
@@ -110,40 +102,47 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
 pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
     scratch: &mut Vec<u8>,
-) -> Result<Vec<u8>, SendError> {
+) -> Result<Vec<u8>, EncodeError> {
     encode_capped(value, scratch, usize::MAX)
 }
 
-/// Bytes of a frame's length prefix, which the router counts in a refusal's sizes.
-const LEN_PREFIX: usize = 4;
+/// Encodes a value as CBOR onto the end of `buf`, refused as soon as `buf` would hold more
+/// than `cap` bytes ([`EncodeError::TooLarge`]; `buf` never grows beyond `cap`).
+pub(crate) fn encode_into<T: Serialize + ?Sized>(
+    value: &T,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> Result<(), EncodeError> {
+    let mut writer = Capped {
+        buf,
+        cap,
+        refused: false,
+    };
+    match ciborium::ser::into_writer(value, &mut writer) {
+        Ok(()) if !writer.refused => Ok(()),
+        Err(ciborium::ser::Error::Value(message)) if !writer.refused => {
+            Err(EncodeError::Serialize { message })
+        }
+        // The writer fails only by refusing a write past the cap (and a `Serialize` that
+        // swallowed the refusal is refused all the same).
+        _ => Err(EncodeError::TooLarge { limit: cap }),
+    }
+}
 
 /// [`encode`] for a payload that must fit in a frame of at most `max_frame` bytes: the
 /// encoding stops as soon as it passes `max_frame` bytes (the frame holds the payload and
 /// more, so such a payload can never fit), and `scratch` never grows beyond that, so a huge
-/// value is refused before it costs its size again. The refusal is the router's own
-/// [`PayloadTooLarge`](forkbus_router::Error::PayloadTooLarge), with its sizes counted as
-/// the router counts them (with the length prefix); `len` is then a lower bound of what
-/// the frame would need. A payload within the bound may still be refused by the router,
-/// which knows the exact envelope.
+/// value is refused before it costs its size again ([`EncodeError::TooLarge`] with the
+/// limit `max_frame`). A payload within the bound may still be refused by the router, which
+/// knows the exact envelope
+/// ([`PayloadTooLarge`](forkbus_router::Error::PayloadTooLarge)).
 pub(crate) fn encode_capped<T: Serialize + ?Sized>(
     value: &T,
     scratch: &mut Vec<u8>,
     max_frame: usize,
-) -> Result<Vec<u8>, SendError> {
+) -> Result<Vec<u8>, EncodeError> {
     scratch.clear();
-    let mut writer = Capped {
-        buf: &mut *scratch,
-        cap: max_frame,
-        refused: None,
-    };
-    let encoded = ciborium::ser::into_writer(value, &mut writer);
-    if let Some(attempted) = writer.refused {
-        return Err(SendError::Router(forkbus_router::Error::PayloadTooLarge {
-            len: attempted.saturating_add(LEN_PREFIX),
-            max: max_frame.saturating_add(LEN_PREFIX),
-        }));
-    }
-    encoded.map_err(|e| SendError::Encode(e.to_string()))?;
+    encode_into(value, scratch, max_frame)?;
     let out = scratch.as_slice().to_vec();
     if scratch.capacity() > 1 << 20 {
         // Do not keep a huge buffer around for one huge message.
@@ -157,15 +156,15 @@ pub(crate) fn encode_capped<T: Serialize + ?Sized>(
 struct Capped<'a> {
     buf: &'a mut Vec<u8>,
     cap: usize,
-    /// The length the refused write would have made.
-    refused: Option<usize>,
+    /// Whether a write was refused.
+    refused: bool,
 }
 
 impl io::Write for Capped<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let len = self.buf.len().saturating_add(data.len());
         if len > self.cap {
-            self.refused = Some(len);
+            self.refused = true;
             return Err(io::Error::new(
                 io::ErrorKind::FileTooLarge,
                 "payload over the frame limit",
@@ -194,7 +193,7 @@ thread_local! {
 pub(crate) fn encode_local<T: Serialize + ?Sized>(
     value: &T,
     max_frame: usize,
-) -> Result<Vec<u8>, SendError> {
+) -> Result<Vec<u8>, EncodeError> {
     ENCODE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => encode_capped(value, &mut scratch, max_frame),
         Err(_) => encode_capped(value, &mut Vec::new(), max_frame),
@@ -211,9 +210,7 @@ mod tests {
         // What `BusHandle::send` and the task pool use: refused at the cap, not after.
         let big = vec![7u8; 100_000];
         match encode_local(&big, 1000) {
-            Err(SendError::Router(forkbus_router::Error::PayloadTooLarge { len, .. })) => {
-                assert!(len > 1000 && len < 2000, "stopped near the cap: {len}");
-            }
+            Err(EncodeError::TooLarge { limit: 1000 }) => {}
             other => panic!("not refused at the cap: {other:?}"),
         }
         let small = encode_local(&7u8, 1000).expect("fits");
@@ -274,11 +271,9 @@ mod tests {
         }
     }
 
-    fn too_large(r: &Result<Vec<u8>, SendError>) -> Option<(usize, usize)> {
+    fn too_large(r: &Result<Vec<u8>, EncodeError>) -> Option<usize> {
         match r {
-            Err(SendError::Router(forkbus_router::Error::PayloadTooLarge { len, max })) => {
-                Some((*len, *max))
-            }
+            Err(EncodeError::TooLarge { limit }) => Some(*limit),
             _ => None,
         }
     }
@@ -298,9 +293,8 @@ mod tests {
             &mut scratch,
             CAP,
         );
-        let (len, max) = too_large(&r).unwrap_or_else(|| panic!("not refused: {r:?}"));
-        assert_eq!(max, CAP + 4);
-        assert!(len > max, "{len} > {max}");
+        let limit = too_large(&r).unwrap_or_else(|| panic!("not refused: {r:?}"));
+        assert_eq!(limit, CAP);
         assert!(scratch.capacity() <= CAP + 16, "{}", scratch.capacity());
         assert!(
             (taken.get() as usize) <= CAP / 5 + 2,
@@ -328,7 +322,7 @@ mod tests {
         // One byte more does not fit.
         let text = "y".repeat(CAP - 2);
         let r = encode_capped(text.as_str(), &mut scratch, CAP);
-        assert_eq!(too_large(&r), Some((CAP + 1 + 4, CAP + 4)));
+        assert_eq!(too_large(&r), Some(CAP));
         // The same buffer serves a small value afterwards.
         let ping = Ping {
             n: 1,
@@ -351,7 +345,38 @@ mod tests {
         ));
         assert!(matches!(
             decode::<u32>(&[]),
-            Err(DecodeError::Syntax { .. })
+            Err(DecodeError::Truncated { len: 0, .. })
         ));
+        // A text header announcing five bytes, with two.
+        assert!(matches!(
+            decode::<String>(&[0x65, b'a', b'b']),
+            Err(DecodeError::Truncated { len: 3, .. })
+        ));
+    }
+
+    /// A value whose `Serialize` fails with a custom serde error.
+    struct Unserializable;
+
+    impl Serialize for Unserializable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("no wire form"))
+        }
+    }
+
+    #[test]
+    fn a_failing_serialize_keeps_its_message() {
+        let mut scratch = Vec::new();
+        let r = encode_capped(&Unserializable, &mut scratch, 1000);
+        assert_eq!(
+            r,
+            Err(EncodeError::Serialize {
+                message: "no wire form".into()
+            })
+        );
+        let e = crate::SendError::from(r.expect_err("refused"));
+        assert_eq!(
+            e.to_string(),
+            "cannot encode the payload: the value failed to serialize: no wire form"
+        );
     }
 }

@@ -81,6 +81,8 @@ use nix::sys::mman::{self, MapFlags, ProtFlags};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::error::{DecodeError, EncodeError};
+
 const REGION_MAGIC: u64 = u64::from_le_bytes(*b"fbREGION");
 const MAP_MAGIC: u64 = u64::from_le_bytes(*b"fbSHRMAP");
 const STATE_LIVE: u32 = 1;
@@ -133,10 +135,10 @@ pub enum ShmError {
         /// The map's capacity.
         capacity: usize,
     },
-    /// Encoding a key or value failed.
-    Encode(String),
-    /// Decoding a stored key or value failed.
-    Decode(String),
+    /// Encoding a key or value failed (its `Serialize` did).
+    Encode(EncodeError),
+    /// Decoding a stored key or value failed (it is not the type asked for).
+    Decode(DecodeError),
     /// A slot or header holds values this module never writes.
     Corrupt(&'static str),
 }
@@ -180,6 +182,8 @@ impl std::error::Error for ShmError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Lock { errno, .. } | Self::Map(errno) => Some(errno),
+            Self::Encode(e) => Some(e),
+            Self::Decode(e) => Some(e),
             _ => None,
         }
     }
@@ -195,7 +199,8 @@ impl From<ShmError> for io::Error {
             ShmError::KeyTooLarge { .. }
             | ShmError::ValueTooLarge { .. }
             | ShmError::MapFull { .. } => io::ErrorKind::StorageFull,
-            ShmError::InvalidConfig(_) | ShmError::Encode(_) => io::ErrorKind::InvalidInput,
+            ShmError::InvalidConfig(_) => io::ErrorKind::InvalidInput,
+            ShmError::Encode(encode) => encode.io_kind(),
             _ => io::ErrorKind::InvalidData,
         };
         Self::new(kind, e)
@@ -713,7 +718,7 @@ fn hash_key(bytes: &[u8]) -> u64 {
 
 fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, ShmError> {
     let mut out = Vec::new();
-    ciborium::into_writer(value, &mut out).map_err(|e| ShmError::Encode(e.to_string()))?;
+    crate::message::encode_into(value, &mut out, usize::MAX).map_err(ShmError::Encode)?;
     Ok(out)
 }
 
@@ -721,8 +726,13 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ShmError> {
     // Strings inside are at most as long as the encoding: a scratch buffer that size is
     // enough, and smaller than ciborium's default 4 KiB.
     let mut scratch = vec![0_u8; bytes.len().max(16)];
-    ciborium::from_reader_with_buffer(bytes, &mut scratch)
-        .map_err(|e| ShmError::Decode(e.to_string()))
+    ciborium::from_reader_with_buffer(bytes, &mut scratch).map_err(|e| {
+        ShmError::Decode(DecodeError::from_ciborium(
+            e,
+            std::any::type_name::<T>(),
+            bytes.len(),
+        ))
+    })
 }
 
 fn encode_key<Q: Serialize + ?Sized>(key: &Q, layout: &MapLayout) -> Result<Vec<u8>, ShmError> {

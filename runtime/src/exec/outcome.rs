@@ -277,9 +277,13 @@ pub enum ExecError {
     Spawn {
         /// What it was doing.
         stage: SpawnStage,
-        /// Why it failed (`UnknownErrno` for a verification that found other credentials).
+        /// Why it failed.
         errno: Errno,
     },
+    /// The child dropped its privileges, but the check after the drop found credentials
+    /// other than the requested ones (or found it could regain root); it exited before
+    /// `execve`, and the program did not run.
+    Unverified,
     /// The child did not reach `execve` within 30 seconds (a `chdir` into a hung mount,
     /// say); it was killed.
     SpawnTimedOut,
@@ -296,12 +300,12 @@ impl fmt::Display for ExecError {
         match self {
             Self::Invalid(e) => write!(f, "invalid command: {e}"),
             Self::Identity(e) => write!(f, "cannot resolve the identity: {e}"),
-            Self::Spawn { stage, errno } if *errno == Errno::UnknownErrno => {
-                write!(f, "the program did not run: failed {stage}")
-            }
             Self::Spawn { stage, errno } => {
                 write!(f, "the program did not run: failed {stage}: {errno}")
             }
+            Self::Unverified => f.write_str(
+                "the program did not run: the credentials after the drop are not the requested ones",
+            ),
             Self::SpawnTimedOut => f.write_str("the child did not reach exec in time"),
             Self::NotForNode(what) => write!(f, "a node cannot have {what}"),
             Self::ShuttingDown => f.write_str("the bus is shutting down"),
@@ -317,6 +321,17 @@ impl std::error::Error for ExecError {
             Self::Spawn { errno, .. } => Some(errno),
             Self::Io(e) => Some(e),
             _ => None,
+        }
+    }
+}
+
+impl ExecError {
+    /// The child's report of a failure at `stage`: the verification after the drop
+    /// reports no errno (zero) when no call failed but the credentials were other ones.
+    pub(super) fn from_report(stage: SpawnStage, errno: Errno) -> Self {
+        match (stage, errno) {
+            (SpawnStage::VerifyCredentials, Errno::UnknownErrno) => Self::Unverified,
+            (stage, errno) => Self::Spawn { stage, errno },
         }
     }
 }
@@ -337,13 +352,14 @@ impl From<ExecError> for io::Error {
     fn from(e: ExecError) -> Self {
         match e {
             ExecError::Io(e) => e,
-            ExecError::Spawn { errno, .. } if errno != Errno::UnknownErrno => {
-                Self::new(Self::from(errno).kind(), e)
-            }
-            ExecError::Spawn { .. } => Self::new(io::ErrorKind::PermissionDenied, e),
+            ExecError::Spawn { errno, .. } => Self::new(Self::from(errno).kind(), e),
+            ExecError::Unverified => Self::new(io::ErrorKind::PermissionDenied, e),
             ExecError::SpawnTimedOut => Self::new(io::ErrorKind::TimedOut, e),
             ExecError::Identity(_) => Self::new(io::ErrorKind::NotFound, e),
-            _ => Self::new(io::ErrorKind::InvalidInput, e),
+            ExecError::ShuttingDown => Self::other(e),
+            ExecError::Invalid(_) | ExecError::NotForNode(_) => {
+                Self::new(io::ErrorKind::InvalidInput, e)
+            }
         }
     }
 }
@@ -362,11 +378,10 @@ mod tests {
             e.to_string(),
             "the program did not run: failed setting the user: EPERM: Operation not permitted"
         );
-        let e = ExecError::Spawn {
-            stage: SpawnStage::VerifyCredentials,
-            errno: Errno::UnknownErrno,
-        };
-        assert!(e.to_string().ends_with("after the drop"));
+        let e = ExecError::from_report(SpawnStage::VerifyCredentials, Errno::UnknownErrno);
+        assert!(matches!(e, ExecError::Unverified), "{e:?}");
+        assert!(e.to_string().ends_with("not the requested ones"));
+        assert_eq!(io::Error::from(e).kind(), io::ErrorKind::PermissionDenied);
         assert_eq!(
             io::Error::from(ExecError::Spawn {
                 stage: SpawnStage::Exec,

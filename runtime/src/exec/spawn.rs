@@ -381,7 +381,7 @@ fn spawn(
         Ok(None) => Ok(pid),
         Ok(Some((stage, errno))) => {
             reap_blocking(child);
-            Err(ExecError::Spawn { stage, errno })
+            Err(ExecError::from_report(stage, errno))
         }
         Err(e) => {
             let _ = kill(child, Signal::SIGKILL);

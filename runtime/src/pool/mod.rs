@@ -45,7 +45,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::bus::Bus;
-use crate::error::SendError;
 use crate::message::{decode, encode_local};
 use crate::supervisor::{
     self, JobFn, PoolError, SuperviseError, Supervisor, SupervisorConfig, WaitError,
@@ -146,18 +145,7 @@ impl TaskPool {
         }
         let max = (bus.router().config().max_frame as usize).saturating_sub(64);
         // Refused while encoding, before a job too large is encoded whole.
-        let payload = encode_local(job, max).map_err(|e| match e {
-            SendError::Router(forkbus_router::Error::PayloadTooLarge { len, .. }) => {
-                PoolError::TooLarge { len, max }
-            }
-            other => PoolError::Encode(other.to_string()),
-        })?;
-        if payload.len() > max {
-            return Err(PoolError::TooLarge {
-                len: payload.len(),
-                max,
-            });
-        }
+        let payload = encode_local(job, max).map_err(PoolError::Encode)?;
         let now = bus.now();
         supervisor::with_pool(bus, self.sup.id(), |pool, _| {
             pool.submit(now, payload, options)

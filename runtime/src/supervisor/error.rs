@@ -4,6 +4,7 @@ use std::fmt;
 use std::io;
 
 use crate::bus::Stop;
+use crate::error::EncodeError;
 
 /// A supervised child could not be added.
 #[derive(Debug)]
@@ -97,7 +98,13 @@ impl fmt::Display for WaitError {
         match self {
             Self::Timeout => f.write_str("timed out"),
             Self::InsideLoop => f.write_str("a blocking wait cannot run inside the loop"),
-            Self::Interrupted(stop) => write!(f, "the loop ended first: {stop:?}"),
+            Self::Interrupted(Stop::Stopped) => f.write_str("the loop ended first: it was stopped"),
+            Self::Interrupted(Stop::Shutdown(_)) => {
+                f.write_str("the loop ended first: the subtree shut down")
+            }
+            Self::Interrupted(Stop::ParentGone) => {
+                f.write_str("the loop ended first: the parent is gone")
+            }
             Self::Io(e) => write!(f, "the loop failed: {e}"),
             Self::NotFound => f.write_str("nothing to wait for by that id"),
         }
@@ -133,15 +140,9 @@ pub enum PoolError {
         /// The configured bound.
         max: usize,
     },
-    /// The job could not be encoded; the text is the encoder's.
-    Encode(String),
-    /// The encoded job is larger than a control frame may be.
-    TooLarge {
-        /// Its size.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
+    /// The job could not be encoded: its encoding passed what a control frame may carry
+    /// ([`EncodeError::TooLarge`]), or its `Serialize` failed.
+    Encode(EncodeError),
     /// The bus is draining for shutdown.
     ShuttingDown,
     /// No such pool on this bus.
@@ -153,21 +154,27 @@ impl fmt::Display for PoolError {
         match self {
             Self::Full { max } => write!(f, "the pool holds {max} pending jobs already"),
             Self::Encode(e) => write!(f, "cannot encode the job: {e}"),
-            Self::TooLarge { len, max } => write!(f, "job of {len} bytes exceeds {max}"),
             Self::ShuttingDown => f.write_str("the bus is shutting down"),
             Self::NoSuchPool => f.write_str("no such pool on this bus"),
         }
     }
 }
 
-impl std::error::Error for PoolError {}
+impl std::error::Error for PoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Encode(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<PoolError> for io::Error {
     fn from(e: PoolError) -> Self {
-        let kind = match e {
+        let kind = match &e {
             PoolError::Full { .. } => io::ErrorKind::WouldBlock,
+            PoolError::Encode(EncodeError::TooLarge { .. }) => io::ErrorKind::InvalidInput,
             PoolError::Encode(_) => io::ErrorKind::InvalidData,
-            PoolError::TooLarge { .. } => io::ErrorKind::InvalidInput,
             PoolError::NoSuchPool => io::ErrorKind::NotFound,
             PoolError::ShuttingDown => io::ErrorKind::Other,
         };
