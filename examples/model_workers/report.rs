@@ -1,6 +1,6 @@
 //! The report: what the root prints once the requests are done (the kill and its loss
 //! report, the routing traces, the summary and the tree as a picture), and the lines of
-//! the run's other steps. It only reads the root's state; `main` calls it.
+//! the run's other steps. It only reads the root's state (`root.rs`); `main` calls it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -9,7 +9,8 @@ use std::time::Duration;
 use forkbus::{to, Bus, Fate, LossReason, Stop, UnknownReason};
 
 use crate::model::SHAPE;
-use crate::{Member, Outcome, Request, Role, Root, Wire};
+use crate::root::{Member, Outcome, Request, Root};
+use crate::wire::{Role, Wire};
 
 pub(crate) fn section(title: &str) {
     println!(
@@ -62,7 +63,7 @@ pub(crate) fn print_tree_up(st: &Root, tree_up: Duration) {
 }
 
 /// Section 2's lines, once the requests are done.
-pub(crate) fn print_requests(st: &Root, timed_out: bool) {
+pub(crate) fn print_requests(st: &Root) {
     println!(
         "{} requests sent to {} workers (by pid and by name, in turn), each with a receipt.",
         st.reqs.len(),
@@ -82,7 +83,7 @@ pub(crate) fn print_requests(st: &Root, timed_out: bool) {
             None => println!("{} killed after request #{}.", m.name, k.after_req),
         }
     }
-    if timed_out {
+    if st.timed_out {
         println!("TIMED OUT with {} requests outstanding", st.outstanding);
     }
 }
