@@ -26,7 +26,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use forkbus::{
-    to, Address, Bus, BusConfig, ForkOptions, Listener, Message, NodeId, SendOptions, Stop,
+    to, Address, Bus, BusConfig, ForkOptions, Listener, Message, NodeId, Pid, SendOptions, Stop,
 };
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use serde::{Deserialize, Serialize};
@@ -159,7 +159,7 @@ impl Listener for Node {
             }
             Ok(Wire::Send { pid, name, tag }) => {
                 let to = match (pid, name) {
-                    (Some(p), _) => to::pid(p),
+                    (Some(p), _) => to::pid(Pid::from_raw(p)),
                     (None, Some(n)) => to::name(n),
                     (None, None) => return,
                 };
@@ -462,9 +462,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let last = vec![fanout.to_string(); depth as usize].join(".");
     let cycle = cycle && first != last;
 
-    let mut config = BusConfig::default();
-    config.name = Some("root".into());
-    let mut bus = Bus::root(config)?;
+    let mut bus = Bus::root(BusConfig::default().name("root"))?;
     let state = Rc::new(RefCell::new(State::default()));
     bus.add_listener(0, RootListener(state.clone()));
     if cycle {
@@ -511,14 +509,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 2. Traced unicasts.
     println!("\n── 2. traced unicasts");
     let pid_of = |name: &str| state.borrow().pids.get(name).copied().unwrap_or(0);
-    bus.send_with(to::pid(pid_of(&last)), &Wire::Ping { tag: 2 }, traced())?;
+    bus.send_with(
+        to::pid(Pid::from_raw(pid_of(&last))),
+        &Wire::Ping { tag: 2 },
+        traced(),
+    )?;
     let cmd = |pid: Option<u32>, name: Option<&str>, tag| Wire::Send {
         pid,
         name: name.map(str::to_owned),
         tag,
     };
-    bus.send(to::pid(pid_of(&first)), &cmd(None, Some(&last), 3))?;
-    bus.send(to::pid(pid_of(&last)), &cmd(None, Some("root"), 4))?;
+    bus.send(
+        to::pid(Pid::from_raw(pid_of(&first))),
+        &cmd(None, Some(&last), 3),
+    )?;
+    bus.send(
+        to::pid(Pid::from_raw(pid_of(&last))),
+        &cmd(None, Some("root"), 4),
+    )?;
     let unicasts = [
         (2, last.clone(), format!("root → {last} by pid")),
         (3, last.clone(), format!("{first} → {last} by name")),
@@ -540,8 +548,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut tags = vec![1];
     if cycle {
         println!("\n── 3. a redundant link {first} ═ {last}, then broadcast #2");
-        bus.send(to::pid(pid_of(&first)), &Wire::Attach)?;
-        bus.send(to::pid(pid_of(&last)), &Wire::Attach)?;
+        bus.send(to::pid(Pid::from_raw(pid_of(&first))), &Wire::Attach)?;
+        bus.send(to::pid(Pid::from_raw(pid_of(&last))), &Wire::Attach)?;
         run_until(&mut bus, &state, "the redundant link", |s| {
             s.attached.len() == 2
         })?;
@@ -550,7 +558,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             s.got.keys().filter(|(t, _)| *t == 5).count() == n
         })?;
         tags.push(5);
-        bus.send(to::pid(pid_of(&first)), &cmd(None, Some(&last), 6))?;
+        bus.send(
+            to::pid(Pid::from_raw(pid_of(&first))),
+            &cmd(None, Some(&last), 6),
+        )?;
         let key6 = (6, last.clone());
         run_until(&mut bus, &state, "the last unicast", move |s| {
             s.got.contains_key(&key6)
@@ -570,7 +581,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     let pids: Vec<u32> = state.borrow().pids.values().copied().collect();
     for pid in pids {
-        bus.send(to::pid(pid), &Wire::Report)?;
+        bus.send(to::pid(Pid::from_raw(pid)), &Wire::Report)?;
     }
     run_until(&mut bus, &state, "the counters", move |s| {
         s.stats.len() == n

@@ -25,7 +25,7 @@
 //! The tests run it as the binary `forkbus-external-node` (`src/bin/`, which includes this
 //! file), so that `env!("CARGO_BIN_EXE_forkbus-external-node")` finds it built.
 
-use forkbus::runtime::EXIT_PARENT_GONE;
+use forkbus::bus::EXIT_PARENT_GONE;
 use forkbus::{Bus, BusConfig, Destination, Listener, Message, Stop};
 
 struct Answer;
@@ -50,8 +50,10 @@ impl Listener for Answer {
 }
 
 pub(crate) fn main() {
-    let mut config = BusConfig::default();
-    config.name = std::env::args().nth(1);
+    let config = match std::env::args().nth(1) {
+        Some(name) => BusConfig::default().name(name),
+        None => BusConfig::default(),
+    };
     let mut bus = match Bus::join_from_env(config) {
         Ok(bus) => bus,
         Err(e) => {

@@ -27,9 +27,11 @@
 //! - `onPeerShutdown`'s lost messages arrive whole (PHP's come out as empty arrays).
 
 use forkbus::{
-    to, Bus, BusConfig, BusError, ExitStatus, ForkOptions, Listener, Message, MessageId,
-    PeerShutdown, Pid, Stop,
+    to, Bus, BusConfig, ExitStatus, ForkOptions, Listener, Message, MessageId, PeerShutdown, Pid,
+    Stop,
 };
+
+use forkbus::error::BusError;
 
 /// PHP's `TestListener implements RouterEventListener`; every method is optional here.
 struct TestListener {

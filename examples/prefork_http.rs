@@ -55,11 +55,10 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use forkbus::bus::{FdId, FdReady, Interest};
 use forkbus::supervisor::{hold_stop, release_stop};
-use forkbus::{
-    to, Bus, BusConfig, ChildSpec, FdId, FdReady, Interest, Listener, Message, ServiceEvent, Stop,
-    SupervisionEvent, Supervisor,
-};
+use forkbus::supervisor::{ChildSpec, SupervisionEvent, Supervisor};
+use forkbus::{to, Bus, BusConfig, Listener, Message, ServiceEvent, Stop};
 use nix::errno::Errno;
 use nix::sys::socket::{recv, send, MsgFlags};
 use serde::{Deserialize, Serialize};
@@ -917,10 +916,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let listen_fd = listener.as_raw_fd();
 
-    let mut config = BusConfig::default();
-    config.name = Some("root".into());
     // Workers finish their connections within a few seconds; past this they are killed.
-    config.drain_timeout = args.stop_timeout + Duration::from_secs(5);
+    let config = BusConfig::default()
+        .name("root")
+        .drain_timeout(args.stop_timeout + Duration::from_secs(5));
     let mut bus = Bus::root(config)?;
     bus.add_listener(0, Root);
     let sup = Supervisor::new(&mut bus); // reloads on SIGHUP

@@ -22,9 +22,11 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use forkbus::{
-    to, Address, Bus, BusConfig, ForkOptions, Listener, LossReport, Message, MessageId, SendError,
+    to, Address, Bus, BusConfig, ForkOptions, Listener, LossReport, Message, MessageId,
     SendOptions, Stop,
 };
+
+use forkbus::error::SendError;
 use serde::{Deserialize, Serialize};
 
 const HELP: &str = "\
@@ -480,9 +482,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let total = below_root(depth, fanout);
 
-    let mut config = BusConfig::default();
-    config.name = Some("root".into());
-    let mut bus = Bus::root(config)?;
+    let mut bus = Bus::root(BusConfig::default().name("root"))?;
     let state = Rc::new(RefCell::new(State::default()));
     bus.add_listener(0, RootListener(state.clone()));
     let root = bus.pid().as_raw();

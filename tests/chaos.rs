@@ -101,11 +101,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use common::{run_until, Driver, Harness, Orphans, RootEnd};
+use forkbus::error::{BusError, SendError};
 use forkbus::supervisor::{Backoff, ChildId, WhileDown};
+use forkbus::supervisor::{ChildSpec, Restart, SupervisionEvent, Supervisor};
 use forkbus::{
-    to, Address, Bus, BusConfig, BusError, ChildSpec, ExitStatus, Fate, ForkOptions, Listener,
-    LossReport, Message, MessageId, NodeId, Pid, Restart, SendError, SendOptions, ServiceEvent,
-    Stop, SupervisionEvent, Supervisor,
+    to, Address, Bus, BusConfig, ExitStatus, Fate, ForkOptions, Listener, LossReport, Message,
+    MessageId, NodeId, Pid, SendOptions, ServiceEvent, Stop,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -311,7 +312,7 @@ impl Sender {
             self.pids.insert(name.clone(), n.pid);
         }
         match self.pids.get(&name) {
-            Some(&pid) => (to::pid(pid), format!("pid:{pid}")),
+            Some(&pid) => (to::pid(Pid::from_raw(pid)), format!("pid:{pid}")),
             None => by_name(&name),
         }
     }
@@ -374,7 +375,7 @@ impl Proc {
                 Ok(id) => {
                     s.next_n += 1;
                     s.inflight.insert(id.seq, n);
-                    let t = forkbus::monotonic_now().as_nanos();
+                    let t = forkbus::bus::monotonic_now().as_nanos();
                     logln!(self.log, "sent {} {} {n} {desc} {t}", N(me), id.seq);
                 }
                 Err(SendError::QueueFull { .. }) => {
@@ -444,7 +445,7 @@ impl Listener for Ear {
         let payload = r
             .payload
             .as_deref()
-            .and_then(|b| forkbus::runtime::decode::<u64>(b).ok());
+            .and_then(|b| forkbus::bus::decode::<u64>(b).ok());
         let at = N(r.at).to_string();
         self.0
             .borrow_mut()
@@ -483,7 +484,7 @@ impl Listener for Ear {
                 SupervisionEvent::Started {
                     pid, generation, ..
                 } => {
-                    let t = forkbus::monotonic_now().as_nanos();
+                    let t = forkbus::bus::monotonic_now().as_nanos();
                     logln!(p.log, "spawn {pid} {generation} {t}");
                 }
                 SupervisionEvent::GaveUp { child, restarts } => {
@@ -570,7 +571,7 @@ fn serve(bus: &mut Bus, p: &Shared) -> ! {
             }
             Ok(Stop::ParentGone) => {
                 logln!(q.log, "gone {}", N(me));
-                forkbus::runtime::EXIT_PARENT_GONE
+                forkbus::bus::EXIT_PARENT_GONE
             }
             Ok(other) => {
                 logln!(q.log, "error bus loop ended with {other:?}");
@@ -578,7 +579,7 @@ fn serve(bus: &mut Bus, p: &Shared) -> ! {
             }
             Err(e) => {
                 logln!(q.log, "error bus loop failed: {e}");
-                forkbus::runtime::EXIT_OS_ERROR
+                forkbus::bus::EXIT_OS_ERROR
             }
         }
     };
@@ -1362,7 +1363,7 @@ fn check_orphans(d: &Driver, logs: &[ProcLog]) -> Result<usize, String> {
         let how_ok = matches!(
             status,
             WaitStatus::Signaled(_, Signal::SIGKILL, _)
-                | WaitStatus::Exited(_, forkbus::runtime::EXIT_PARENT_GONE)
+                | WaitStatus::Exited(_, forkbus::bus::EXIT_PARENT_GONE)
         );
         let known = logs.iter().find(|p| p.pid == raw);
         let who_ok = known.is_none_or(|p| p.role == "leaf" && killed_middles.contains(&p.ppid));

@@ -18,14 +18,16 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use common::{ensure, nix_pid, proc_state, run_until, Harness, Orphans, RootEnd};
+use forkbus::error::BusError;
 use forkbus::exec::{
     Command, ExecError, ExecId, ExecOutput, Intervention, InvalidCommand, Output, SpawnStage,
     Stream,
 };
-use forkbus::runtime::identity::{Credentials, IdentityError, PrivilegeDrop};
+use forkbus::identity::{Credentials, IdentityError, PrivilegeDrop};
+use forkbus::supervisor::SupervisionEvent;
 use forkbus::{
-    to, Bus, BusConfig, BusError, ExitStatus, ForkOptions, Listener, LossReport, Message,
-    MessageId, NodeId, PeerShutdown, Pid, Relation, ServiceEvent, Stop, SupervisionEvent,
+    to, Bus, BusConfig, ExitStatus, ForkOptions, Listener, LossReport, Message, MessageId, NodeId,
+    PeerShutdown, Pid, Relation, ServiceEvent, Stop,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};

@@ -35,12 +35,13 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use common::{ensure, nix_pid, proc_state, rss_kib, run_until, Harness};
+use forkbus::error::{BusError, SendError};
 use forkbus::exec::{Command, Output};
+use forkbus::router::{DownCause, RouterConfig};
 use forkbus::router::{LinkId, ProtocolError};
 use forkbus::{
-    to, Address, Bus, BusConfig, BusError, DownCause, ExitStatus, Fate, ForkOptions, Listener,
-    LossReason, LossReport, Message, MessageId, NodeId, PeerShutdown, Pid, Relation, RouterConfig,
-    SendError, SendOptions, Stop, UnknownReason,
+    to, Address, Bus, BusConfig, ExitStatus, Fate, ForkOptions, Listener, LossReason, LossReport,
+    Message, MessageId, NodeId, PeerShutdown, Pid, Relation, SendOptions, Stop, UnknownReason,
 };
 use nix::sys::signal::{kill, Signal};
 use serde::{Deserialize, Serialize};

@@ -11,10 +11,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use common::{ensure, open_fds, proc_state, run_until, Harness, Orphans, RootEnd};
-use forkbus::runtime::describe_fd;
+use forkbus::bus::describe_fd;
+use forkbus::error::{ForkError, NameError, SendError};
 use forkbus::{
-    Address, Bus, BusConfig, ExitStatus, ForkError, ForkOptions, Listener, Message, NameError, Pid,
-    Relation, SendError, Stop,
+    Address, Bus, BusConfig, ExitStatus, ForkOptions, Listener, Message, Pid, Relation, Stop,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid as NixPid;
@@ -413,6 +413,30 @@ impl Listener for Notify {
     }
 }
 
+/// What the root heard of its handle's sends.
+#[derive(Debug, Default)]
+struct Outcomes {
+    submitted: BTreeMap<forkbus::bus::Ticket, forkbus::MessageId>,
+    delivered: BTreeSet<forkbus::MessageId>,
+}
+
+struct OutcomeEar(Rc<RefCell<Outcomes>>);
+
+impl Listener for OutcomeEar {
+    fn on_submitted(
+        &mut self,
+        _bus: &mut Bus,
+        ticket: forkbus::bus::Ticket,
+        id: forkbus::MessageId,
+    ) {
+        self.0.borrow_mut().submitted.insert(ticket, id);
+    }
+
+    fn on_delivered(&mut self, _bus: &mut Bus, id: forkbus::MessageId) {
+        self.0.borrow_mut().delivered.insert(id);
+    }
+}
+
 fn handle_from_thread() -> Result<(), String> {
     let (mut bus, heard) = root_with_ear()?;
     let root = bus.pid().as_raw();
@@ -440,23 +464,57 @@ fn handle_from_thread() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let (tx, rx) = std::sync::mpsc::channel();
     bus.add_listener(1, Notify(heard.clone(), tx));
+    let outcomes = Rc::new(RefCell::new(Outcomes::default()));
+    bus.add_listener(2, OutcomeEar(outcomes.clone()));
     let handle = bus.handle();
-    let thread = std::thread::spawn(move || -> Result<(), String> {
+    let thread = std::thread::spawn(move || -> Result<Vec<forkbus::bus::Ticket>, String> {
+        let receipt = forkbus::SendOptions {
+            receipt: true,
+            ..forkbus::SendOptions::default()
+        };
+        // Every tenth with a receipt: the thread keeps its tickets to match them.
+        let mut tickets = Vec::new();
         for i in 0..500 {
-            handle
-                .send(child, &Wire::Num(i))
-                .map_err(|e| e.to_string())?;
+            if i % 10 == 0 {
+                let t = handle
+                    .send_with(child, &Wire::Num(i), receipt)
+                    .map_err(|e| e.to_string())?;
+                tickets.push(t);
+            } else {
+                handle
+                    .send(child, &Wire::Num(i))
+                    .map_err(|e| e.to_string())?;
+            }
         }
         handle
             .send(child, &Wire::Report)
             .map_err(|e| e.to_string())?;
         rx.recv_timeout(Duration::from_secs(20))
             .map_err(|_| "no count came back".to_owned())?;
-        handle.stop().map_err(|e| e.to_string())
+        handle.stop().map_err(|e| e.to_string())?;
+        Ok(tickets)
     });
     let stop = bus.run().map_err(|e| e.to_string());
     let joined = thread.join().map_err(|_| "thread panicked".to_owned())?;
-    joined?;
+    let tickets = joined?;
+    {
+        // Each ticket with a receipt names its envelope, and that envelope's receipt came.
+        let o = outcomes.borrow();
+        let distinct: BTreeSet<forkbus::bus::Ticket> = tickets.iter().copied().collect();
+        ensure(tickets.len() == 50 && distinct.len() == 50, || {
+            format!("tickets {tickets:?}")
+        })?;
+        let ids: Vec<Option<&forkbus::MessageId>> =
+            tickets.iter().map(|t| o.submitted.get(t)).collect();
+        ensure(
+            o.submitted.len() == 50 && ids.iter().all(Option::is_some),
+            || format!("submitted {:?} for tickets {tickets:?}", o.submitted),
+        )?;
+        ensure(
+            ids.iter().flatten().all(|id| o.delivered.contains(id)),
+            || format!("delivered {:?}, submitted {:?}", o.delivered, o.submitted),
+        )?;
+    }
     ensure(stop? == Stop::Stopped, || "the loop did not stop".into())?;
     {
         let h = heard.borrow();
@@ -605,8 +663,8 @@ impl Listener for Recorder {
         }
     }
 
-    fn on_router_error(&mut self, _bus: &mut Bus, error: &forkbus::BusError) {
-        if matches!(error, forkbus::BusError::ListenerPanicked { .. }) {
+    fn on_router_error(&mut self, _bus: &mut Bus, error: &forkbus::error::BusError) {
+        if matches!(error, forkbus::error::BusError::ListenerPanicked { .. }) {
             self.log.borrow_mut().push(format!("{}:error", self.name));
         }
     }
@@ -669,7 +727,7 @@ fn loop_sources() -> Result<(), String> {
     let read_back = Rc::new(RefCell::new(Vec::new()));
     let r = read_back.clone();
     let id = bus
-        .add_fd(rd, forkbus::Interest::READABLE, move |bus, ready| {
+        .add_fd(rd, forkbus::bus::Interest::READABLE, move |bus, ready| {
             let mut buf = [0u8; 64];
             if let Some(fd) = bus.fd(ready.id) {
                 if let Ok(n) = nix::unistd::read(fd, &mut buf) {
@@ -711,14 +769,14 @@ fn loop_sources() -> Result<(), String> {
 struct Stream {
     replies: Vec<u32>,
     delivered: usize,
-    timers: Vec<forkbus::TimerId>,
+    timers: Vec<forkbus::bus::TimerId>,
     errors: Vec<String>,
 }
 
-struct TimerEar(Rc<RefCell<Vec<forkbus::TimerId>>>);
+struct TimerEar(Rc<RefCell<Vec<forkbus::bus::TimerId>>>);
 
 impl Listener for TimerEar {
-    fn on_timer(&mut self, _bus: &mut Bus, timer: forkbus::TimerId) {
+    fn on_timer(&mut self, _bus: &mut Bus, timer: forkbus::bus::TimerId) {
         self.0.borrow_mut().push(timer);
     }
 }
@@ -842,7 +900,7 @@ fn child_panics() -> Result<(), String> {
         !h.borrow().exits.is_empty()
     })?;
     ensure(
-        heard.borrow().exits == [(pid, ExitStatus::Code(forkbus::runtime::EXIT_PANIC))],
+        heard.borrow().exits == [(pid, ExitStatus::Code(forkbus::bus::EXIT_PANIC))],
         || format!("exits {:?}", heard.borrow().exits),
     )?;
     ensure(

@@ -11,11 +11,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use common::{ensure, proc_state, rss_kib, run_until, Harness, Orphans, RootEnd};
+use forkbus::error::{BusError, SendError};
 use forkbus::router::wire::{encode_frame, Frame, Hello, WIRE_VERSION};
+use forkbus::router::DownCause;
 use forkbus::{
-    Address, Bus, BusConfig, BusError, Destination, DownCause, ExitStatus, Fate, ForkOptions,
-    Listener, LossReason, LossReport, Message, MessageId, NodeId, PeerShutdown, Pid, Relation,
-    SendError, UnknownReason,
+    Address, Bus, BusConfig, Destination, ExitStatus, Fate, ForkOptions, Listener, LossReason,
+    LossReport, Message, MessageId, NodeId, PeerShutdown, Pid, Relation, UnknownReason,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -448,7 +449,7 @@ fn kill_middle_in(bus: &mut Bus, heard: &Rc<RefCell<Heard>>, dir: &Path) -> Resu
     for l in &s.lost {
         ensure(peer_down(l.fate), || format!("fate {:?}", l.fate))?;
         ensure(
-            matches!(forkbus::runtime::decode::<Wire>(&l.envelope.payload), Ok(Wire::Num { ref pad, .. }) if pad.len() == PAD),
+            matches!(forkbus::bus::decode::<Wire>(&l.envelope.payload), Ok(Wire::Num { ref pad, .. }) if pad.len() == PAD),
             || "a lost envelope is not whole".into(),
         )?;
     }

@@ -17,11 +17,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use forkbus::runtime::daemon::{self, DaemonConfig, DaemonError, DaemonStage, Daemonized};
-use forkbus::runtime::identity::{
+use forkbus::daemon::{self, DaemonConfig, DaemonError, DaemonStage, Daemonized};
+use forkbus::identity::{
     self, ArgvSkip, ArgvTitle, IdentityError, PrivilegeDrop, SupplementaryGroups,
 };
-use forkbus::runtime::shm::{MapConfig, SharedMap, SharedRegion, ShmError};
+use forkbus::shm::{MapConfig, SharedMap, SharedRegion, ShmError};
 use nix::errno::Errno;
 use nix::libc;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

@@ -13,14 +13,16 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use common::{ensure, nix_pid, run_until, Harness, Orphans, RootEnd};
+use forkbus::error::SendError;
 use forkbus::pool::{PoolConfig, TaskOptions, TaskResult};
+use forkbus::pool::{TaskId, TaskOutcome, TaskPool};
 use forkbus::supervisor::{
     hold_stop, AfterExit, Backoff, ChildId, Finish, KillReason, StartReason, StopReason, WhileDown,
 };
+use forkbus::supervisor::{should_stop, ChildSpec, Restart, SupervisionEvent, Supervisor};
 use forkbus::{
-    should_stop, to, Address, Bus, BusConfig, ChildSpec, ExitStatus, Fate, ForkOptions, Listener,
-    LossReason, LossReport, Message, MessageId, NodeId, Pid, Restart, SendError, ServiceEvent,
-    SupervisionEvent, Supervisor, TaskId, TaskOutcome, TaskPool,
+    to, Address, Bus, BusConfig, ExitStatus, Fate, ForkOptions, Listener, LossReason, LossReport,
+    Message, MessageId, NodeId, Pid, ServiceEvent,
 };
 use nix::sys::signal::{kill, Signal};
 use serde::{Deserialize, Serialize};

@@ -11,8 +11,10 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use forkbus::{
-    to, Bus, BusConfig, ForkOptions, Listener, Message, NodeId, SendError, SendOptions, Stop, Tally,
+    to, Bus, BusConfig, ForkOptions, Listener, Message, NodeId, Pid, SendOptions, Stop, Tally,
 };
+
+use forkbus::error::SendError;
 
 use crate::proc::{monotonic_ns, rss_pss_kib, SharedStamps};
 use crate::stats::Samples;
@@ -476,7 +478,11 @@ impl Listener for TreeNode {
                     if let Some(b) = payload.get(1..5) {
                         pid.copy_from_slice(b);
                     }
-                    send(bus, to::pid(u32::from_be_bytes(pid)), vec![PROBE]);
+                    send(
+                        bus,
+                        to::pid(Pid::from_raw(u32::from_be_bytes(pid))),
+                        vec![PROBE],
+                    );
                 }
             }
             _ => {}
@@ -623,7 +629,7 @@ pub(crate) fn frames(n: usize) -> io::Result<(Frames, Tally)> {
     let leaf_pid = u32::try_from(shm.get(TreeShm::PID, last)).unwrap_or(0);
     let first_pid = u32::try_from(shm.get(TreeShm::PID, first_leaf)).unwrap_or(0);
 
-    send(&mut bus, to::pid(leaf_pid), vec![PROBE]);
+    send(&mut bus, to::pid(Pid::from_raw(leaf_pid)), vec![PROBE]);
     let s = shm.clone();
     run_until(&mut bus, Duration::from_micros(200), "unicast", move || {
         s.get(TreeShm::PROBES, last) == 1
@@ -646,7 +652,7 @@ pub(crate) fn frames(n: usize) -> io::Result<(Frames, Tally)> {
 
     let mut payload = vec![FORWARD];
     payload.extend_from_slice(&leaf_pid.to_be_bytes());
-    send(&mut bus, to::pid(first_pid), payload);
+    send(&mut bus, to::pid(Pid::from_raw(first_pid)), payload);
     let s = shm.clone();
     run_until(
         &mut bus,

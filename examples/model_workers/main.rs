@@ -6,7 +6,7 @@
 //! ```
 //!
 //! A root forks a tree: shard supervisors, each supervising its workers with a
-//! [`Supervisor`](forkbus::Supervisor) (restart always, a short backoff, each worker under its own name). Every
+//! [`Supervisor`](forkbus::supervisor::Supervisor) (restart always, a short backoff, each worker under its own name). Every
 //! worker builds a small model in memory at start (a seeded 16→64→64→8 MLP, tanh and ReLU
 //! layers, no file, no download) and answers inference requests with real arithmetic. The
 //! root:
@@ -52,6 +52,7 @@ mod worker;
 
 use std::time::{Duration, Instant};
 
+use forkbus::router::RouterConfig;
 use forkbus::{Bus, BusConfig, ForkOptions, Stop};
 
 use args::{Args, HELP};
@@ -69,11 +70,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
-    let mut config = BusConfig::default();
-    config.name = Some("root".into());
-    // Every receipt resolves within this, whatever happens to the tree.
-    config.router.receipt_timeout = Some(Duration::from_secs(5));
-    let mut bus = Bus::root(config)?;
+    // Every receipt resolves within 5 s, whatever happens to the tree.
+    let router = RouterConfig::default().receipt_timeout(Some(Duration::from_secs(5)));
+    let mut bus = Bus::root(BusConfig::default().name("root").router(router))?;
     let mut root = Root::new(args.clone());
     // Whatever happens, the run ends: the loop is stopped after this.
     root.set_watchdog(&mut bus, Duration::from_secs(60));

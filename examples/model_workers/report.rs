@@ -50,7 +50,7 @@ pub(crate) fn print_tree_up(st: &Root, tree_up: Duration) {
         st.args.workers
     );
     println!(
-        "Each shard supervises its workers (forkbus::Supervisor: restart always, backoff \
+        "Each shard supervises its workers (forkbus::supervisor::Supervisor: restart always, backoff \
          {} ms); a worker keeps its name (shard0/w1) across restarts.",
         st.args.backoff_ms
     );
@@ -476,7 +476,10 @@ fn print_restart(st: &Root, bus: &Bus) -> bool {
         .router()
         .resolve(&to::name(m.name.clone()))
         .map(|n| n.pid);
-    let old_gone = bus.router().resolve(&to::pid(old)).is_none();
+    let old_gone = bus
+        .router()
+        .resolve(&to::pid(forkbus::Pid::from_raw(old)))
+        .is_none();
     let name_ok = resolves == Some(m.pid) && old_gone;
     println!(
         "           the name {:?} now resolves to pid {} at the root {}; pid {old} to {}",

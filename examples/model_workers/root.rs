@@ -12,10 +12,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use forkbus::{
-    monotonic_now, to, Bus, Event, Fate, LossReport, Message, MessageId, NodeId, SendError,
-    SendOptions, TimerId,
-};
+use forkbus::{to, Bus, Event, Fate, LossReport, Message, MessageId, NodeId, SendOptions};
+
+use forkbus::bus::{monotonic_now, TimerId};
+
+use forkbus::error::SendError;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -530,7 +531,7 @@ impl Root {
                     (Some(Probe::Stale), Some(old)) => old,
                     _ => m.pid,
                 };
-                (to::pid(pid), pid)
+                (to::pid(forkbus::Pid::from_raw(pid)), pid)
             };
             // Every Nth, shifted by one each time so that the samples visit every worker.
             let n = self.args.trace_every;
@@ -625,7 +626,10 @@ impl Root {
     fn pick(&mut self, bus: &Bus) -> (usize, Option<Probe>) {
         // The router may know before the application does (its events are still queued).
         for m in &mut self.members {
-            m.alive &= bus.router().resolve(&to::pid(m.pid)).is_some();
+            m.alive &= bus
+                .router()
+                .resolve(&to::pid(forkbus::Pid::from_raw(m.pid)))
+                .is_some();
         }
         if let Some(k) = &self.kill {
             let m = &self.members[k.worker];

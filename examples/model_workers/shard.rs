@@ -10,10 +10,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use forkbus::supervisor::{AfterExit, Backoff, ChildId};
-use forkbus::{
-    Address, Bus, ChildSpec, ExitStatus, Listener, Message, PeerShutdown, Relation, Restart,
-    ServiceEvent, SupervisionEvent, Supervisor,
-};
+use forkbus::supervisor::{ChildSpec, Restart, SupervisionEvent, Supervisor};
+use forkbus::{Address, Bus, ExitStatus, Listener, Message, PeerShutdown, Relation, ServiceEvent};
 
 use crate::wire::{say_ready, LostView, Role, Wire};
 use crate::worker;
@@ -157,7 +155,7 @@ impl Listener for Shard {
             .iter()
             .map(|l| {
                 // The lost list holds whole envelopes: what each was is readable.
-                let decoded = forkbus::runtime::decode::<Wire>(&l.envelope.payload);
+                let decoded = forkbus::bus::decode::<Wire>(&l.envelope.payload);
                 LostView {
                     origin: l.envelope.id.origin.pid,
                     what: match &decoded {

@@ -5,7 +5,8 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -31,6 +32,7 @@ use crate::listener_set::{panic_message, ListenerId, ListenerSet};
 use crate::message::{encode_capped, Message};
 use crate::reactor::{FdId, FdReady, Interest, LinkSource, Ready, UserSource};
 use crate::signals;
+use crate::ticket::Ticket;
 use crate::timer::{TimerId, Timers};
 use forkbus_node::PeerShutdown;
 
@@ -89,6 +91,57 @@ impl Default for BusConfig {
             read_buffer: 64 << 10,
             events_capacity: 256,
         }
+    }
+}
+
+impl BusConfig {
+    /// Sets [`router`](Self::router).
+    #[must_use]
+    pub fn router(mut self, router: RouterConfig) -> Self {
+        self.router = router;
+        self
+    }
+
+    /// Sets [`host`](Self::host).
+    #[must_use]
+    pub fn host(mut self, host: u32) -> Self {
+        self.host = host;
+        self
+    }
+
+    /// Sets [`name`](Self::name): the root registers it.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets [`drain_timeout`](Self::drain_timeout).
+    #[must_use]
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Sets [`handle_capacity`](Self::handle_capacity).
+    #[must_use]
+    pub fn handle_capacity(mut self, capacity: usize) -> Self {
+        self.handle_capacity = capacity;
+        self
+    }
+
+    /// Sets [`read_buffer`](Self::read_buffer).
+    #[must_use]
+    pub fn read_buffer(mut self, bytes: usize) -> Self {
+        self.read_buffer = bytes;
+        self
+    }
+
+    /// Sets [`events_capacity`](Self::events_capacity).
+    #[must_use]
+    pub fn events_capacity(mut self, events: usize) -> Self {
+        self.events_capacity = events;
+        self
     }
 }
 
@@ -188,6 +241,8 @@ impl Descriptors {
 #[derive(Debug)]
 enum Internal {
     Error(BusError),
+    /// A handle's send with a receipt or a trace was submitted.
+    Submitted(Ticket, MessageId),
     Signal(i32),
     /// Work to run at the loop's top level (where listeners may be called).
     Deferred(Deferred),
@@ -260,6 +315,8 @@ pub struct Bus {
     /// The signal mask to put back when the root bus is dropped.
     root_mask: Option<SigSet>,
     owner: u32,
+    /// The next ticket of the handles' sends.
+    tickets: Arc<AtomicU64>,
     /// The runtime's services and their states.
     services: Services,
     /// [`run_with`](Self::run_with)'s handler is running: events are queued for it.
@@ -389,6 +446,7 @@ impl Bus {
             span,
             root_mask: None,
             owner: me.pid,
+            tickets: Arc::new(AtomicU64::new(0)),
             services: Services::with(crate::builtin_services()),
             handler_active: false,
             for_handler: VecDeque::new(),
@@ -484,6 +542,7 @@ impl Bus {
             requests: self.requests_tx.clone(),
             sends: self.sends_tx.clone(),
             max_frame: self.config.router.max_frame as usize,
+            tickets: self.tickets.clone(),
         }
     }
 
@@ -1223,14 +1282,19 @@ impl Bus {
                 },
             };
             let Outgoing {
+                ticket,
                 to,
                 payload,
                 options,
             } = out;
             match self.submit(to.clone(), payload, options) {
+                Ok(id) if options.receipt || options.trace => {
+                    self.internal.push_back(Internal::Submitted(ticket, id));
+                }
                 Ok(_) => {}
                 Err((SendError::QueueFull { .. }, payload)) => {
                     self.backlog.push_front(Outgoing {
+                        ticket,
                         to,
                         payload,
                         options,
@@ -1239,7 +1303,7 @@ impl Bus {
                 }
                 Err((error, _)) => {
                     self.internal
-                        .push_back(Internal::Error(BusError::HandleSend { to, error }));
+                        .push_back(Internal::Error(BusError::HandleSend { ticket, to, error }));
                 }
             }
         }
@@ -1692,6 +1756,7 @@ impl Bus {
                 self.emit(Event::Error(error));
             }
             Internal::Signal(signal) => self.emit(Event::Signal(signal)),
+            Internal::Submitted(ticket, id) => self.emit(Event::Submitted { ticket, id }),
             Internal::Deferred(Deferred(work)) => work(self),
         }
     }

@@ -12,6 +12,7 @@ use std::io;
 use forkbus_router::{Address, LinkId, NodeId, ProtocolError};
 
 use crate::listener_set::ListenerId;
+use crate::ticket::Ticket;
 
 /// Why a value could not be encoded as CBOR. Nothing was sent or stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -438,6 +439,8 @@ pub enum BusError {
     },
     /// A send made through a [`BusHandle`](crate::BusHandle) was refused by the router.
     HandleSend {
+        /// The ticket the handle's send returned.
+        ticket: Ticket,
         /// Where it was going.
         to: Address,
         /// Why it was refused.
@@ -488,7 +491,9 @@ impl fmt::Display for BusError {
             Self::CallbackPanicked { what, message } => {
                 write!(f, "{what} callback panicked: {message}")
             }
-            Self::HandleSend { to, error } => write!(f, "handle send to {to} refused: {error}"),
+            Self::HandleSend { ticket, to, error } => {
+                write!(f, "handle send ({ticket}) to {to} refused: {error}")
+            }
             Self::BadControl { peer: p, code } => {
                 write!(
                     f,

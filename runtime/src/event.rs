@@ -13,6 +13,7 @@ use crate::error::BusError;
 use crate::message::Message;
 use crate::pool::types::TaskOutcome;
 use crate::supervisor::types::{StopRequest, SupervisionEvent};
+use crate::ticket::Ticket;
 use crate::timer::TimerId;
 
 /// Something that happened on the bus.
@@ -24,6 +25,14 @@ pub enum Event {
     /// An envelope this node sent was written to the kernel on every link it went out on
     /// (a hand-off, not a delivery).
     Sent(MessageId),
+    /// A send made through a [`BusHandle`](crate::BusHandle) with a receipt or a trace was
+    /// submitted: the envelope has this id (its receipt and trace say it).
+    Submitted {
+        /// What the handle's send returned.
+        ticket: Ticket,
+        /// The envelope's id.
+        id: MessageId,
+    },
     /// A receipt: the destination took the envelope.
     Delivered(MessageId),
     /// An envelope this node sent was lost, here or anywhere on its path, or its fate is
@@ -83,6 +92,7 @@ impl Event {
         match self {
             Self::Message(_) => "on_message",
             Self::Sent(_) => "on_sent",
+            Self::Submitted { .. } => "on_submitted",
             Self::Delivered(_) => "on_delivered",
             Self::Lost(_) => "on_lost",
             Self::PeerUp(_) => "on_peer_up",

@@ -1,6 +1,7 @@
 //! A `Send + Clone` handle for other threads: send and stop through a channel plus the
 //! poller's notify.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Sender, TrySendError};
@@ -9,10 +10,12 @@ use serde::Serialize;
 
 use crate::error::SendError;
 use crate::reactor::Shared;
+use crate::ticket::Ticket;
 
 /// A send waiting for the loop.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
+    pub(crate) ticket: Ticket,
     pub(crate) to: Address,
     pub(crate) payload: Vec<u8>,
     pub(crate) options: SendOptions,
@@ -39,6 +42,8 @@ pub struct BusHandle {
     pub(crate) sends: Sender<Outgoing>,
     /// The frame limit: a value that would encode past it is refused while encoding.
     pub(crate) max_frame: usize,
+    /// The next ticket, shared by every clone of the bus's handles.
+    pub(crate) tickets: Arc<AtomicU64>,
 }
 
 impl BusHandle {
@@ -47,20 +52,25 @@ impl BusHandle {
         &self,
         to: impl Into<Address>,
         value: &T,
-    ) -> Result<(), SendError> {
+    ) -> Result<Ticket, SendError> {
         self.send_with(to, value, SendOptions::default())
     }
 
-    /// Sends a value with options; blocks while the channel to the loop is full.
+    /// Sends a value with options; blocks while the channel to the loop is full. The
+    /// ticket is matched on the loop's side: with a receipt or a trace,
+    /// [`Event::Submitted`](crate::Event::Submitted) gives the envelope's id (which the
+    /// receipt and the trace carry); a refusal is a
+    /// [`BusError::HandleSend`](crate::BusError::HandleSend) with the ticket.
     pub fn send_with<T: Serialize + ?Sized>(
         &self,
         to: impl Into<Address>,
         value: &T,
         options: SendOptions,
-    ) -> Result<(), SendError> {
+    ) -> Result<Ticket, SendError> {
         let out = self.outgoing(to.into(), value, options)?;
+        let ticket = out.ticket;
         self.sends.send(out).map_err(|_| SendError::Disconnected)?;
-        self.shared.notify()
+        self.shared.notify().map(|()| ticket)
     }
 
     /// Sends a value if the channel to the loop has room, without blocking.
@@ -68,10 +78,11 @@ impl BusHandle {
         &self,
         to: impl Into<Address>,
         value: &T,
-    ) -> Result<(), SendError> {
+    ) -> Result<Ticket, SendError> {
         let out = self.outgoing(to.into(), value, SendOptions::default())?;
+        let ticket = out.ticket;
         match self.sends.try_send(out) {
-            Ok(()) => self.shared.notify(),
+            Ok(()) => self.shared.notify().map(|()| ticket),
             Err(TrySendError::Full(_)) => Err(SendError::HandleFull),
             Err(TrySendError::Disconnected(_)) => Err(SendError::Disconnected),
         }
@@ -107,6 +118,7 @@ impl BusHandle {
         }
         let payload = crate::message::encode_local(value, self.max_frame)?;
         Ok(Outgoing {
+            ticket: Ticket::new(self.tickets.fetch_add(1, Ordering::Relaxed)),
             to,
             payload,
             options,

@@ -87,6 +87,7 @@ mod reactor;
 pub mod shm;
 mod signals;
 pub mod supervisor;
+mod ticket;
 mod timer;
 mod umbrella;
 
@@ -105,6 +106,7 @@ pub use message::{decode, Message};
 pub use pool::{TaskId, TaskOutcome, TaskPool};
 pub use reactor::{describe_fd, FdId, FdReady, Interest};
 pub use supervisor::{should_stop, ChildSpec, Restart, SupervisionEvent, Supervisor};
+pub use ticket::Ticket;
 pub use timer::TimerId;
 pub use umbrella::Error;
 
@@ -139,7 +141,7 @@ pub mod to {
     }
 
     /// The live node with this pid.
-    pub fn pid(pid: u32) -> Address {
-        Address::Pid(pid)
+    pub fn pid(pid: forkbus_node::Pid) -> Address {
+        Address::Pid(pid.as_raw())
     }
 }

@@ -14,6 +14,7 @@ use crate::bus::Bus;
 use crate::error::BusError;
 use crate::event::{Event, ServiceEvent};
 use crate::message::Message;
+use crate::ticket::Ticket;
 use crate::timer::TimerId;
 use forkbus_node::LinkInfo;
 use forkbus_node::{ExitStatus, Pid};
@@ -33,6 +34,7 @@ pub trait Listener {
         match event {
             Event::Message(m) => self.on_message(bus, m),
             Event::Sent(id) => self.on_sent(bus, *id),
+            Event::Submitted { ticket, id } => self.on_submitted(bus, *ticket, *id),
             Event::Delivered(id) => self.on_delivered(bus, *id),
             Event::Lost(report) => self.on_lost(bus, report),
             Event::PeerUp(peer) => self.on_peer_up(bus, *peer),
@@ -57,6 +59,11 @@ pub trait Listener {
     /// (a hand-off, not a delivery).
     fn on_sent(&mut self, bus: &mut Bus, id: MessageId) {
         let _ = (bus, id);
+    }
+
+    /// A handle's send with a receipt or a trace was submitted with this id.
+    fn on_submitted(&mut self, bus: &mut Bus, ticket: Ticket, id: MessageId) {
+        let _ = (bus, ticket, id);
     }
 
     /// A receipt: the destination took the envelope.

@@ -21,7 +21,9 @@ mod hostile;
 
 use std::collections::BTreeSet;
 
-use forkbus::{Bus, BusConfig, BusError, Listener, Message, Relation};
+use forkbus::{Bus, BusConfig, Listener, Message, Relation};
+
+use forkbus::error::BusError;
 
 /// What a child may not send its parent.
 const FORGED: [&str; 9] = [

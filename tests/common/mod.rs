@@ -448,7 +448,7 @@ pub fn open_fds() -> BTreeSet<RawFd> {
         .unwrap_or_default()
         .into_iter()
         // The directory's own descriptor, closed by now.
-        .filter(|fd| forkbus::runtime::describe_fd(*fd).is_some())
+        .filter(|fd| forkbus::bus::describe_fd(*fd).is_some())
         .collect()
 }
 

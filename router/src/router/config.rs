@@ -98,7 +98,59 @@ impl Default for RouterConfig {
     }
 }
 
+/// Builder setters: one `fn field(self, value) -> Self` per listed field, so that a
+/// `#[non_exhaustive]` configuration is built from its default without mutating it.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            #[must_use]
+            pub fn $field(mut self, value: $ty) -> Self {
+                self.$field = value;
+                self
+            }
+        )*
+    };
+}
+
 impl RouterConfig {
+    setters! {
+        /// Sets [`max_frame`](Self::max_frame).
+        max_frame: u32,
+        /// Sets [`max_name`](Self::max_name).
+        max_name: usize,
+        /// Sets [`max_queue_envelopes`](Self::max_queue_envelopes).
+        max_queue_envelopes: usize,
+        /// Sets [`max_queue_bytes`](Self::max_queue_bytes).
+        max_queue_bytes: usize,
+        /// Sets [`max_nodes`](Self::max_nodes).
+        max_nodes: usize,
+        /// Sets [`max_names_per_node`](Self::max_names_per_node).
+        max_names_per_node: usize,
+        /// Sets [`max_names`](Self::max_names).
+        max_names: usize,
+        /// Sets [`max_groups`](Self::max_groups).
+        max_groups: usize,
+        /// Sets [`max_origins`](Self::max_origins).
+        max_origins: usize,
+        /// Sets [`max_pending_receipts`](Self::max_pending_receipts).
+        max_pending_receipts: usize,
+        /// Sets [`max_pending_receipt_bytes`](Self::max_pending_receipt_bytes).
+        max_pending_receipt_bytes: usize,
+        /// Sets [`hop_limit`](Self::hop_limit).
+        hop_limit: u8,
+        /// Sets [`no_route`](Self::no_route).
+        no_route: NoRoutePolicy,
+        /// Sets [`ack_delay`](Self::ack_delay).
+        ack_delay: Duration,
+        /// Sets [`ack_every`](Self::ack_every).
+        ack_every: u64,
+        /// Sets [`receipt_timeout`](Self::receipt_timeout).
+        receipt_timeout: Option<Duration>,
+        /// Sets [`stall_timeout`](Self::stall_timeout).
+        stall_timeout: Option<Duration>,
+    }
+
     pub(crate) fn validate(&self) -> Result<(), Error> {
         if self.max_frame < 64 {
             return Err(Error::InvalidConfig("max_frame must be at least 64"));
@@ -147,6 +199,22 @@ pub struct SendOptions {
     pub trace: bool,
     /// A hop limit for this envelope instead of the configured one.
     pub hop_limit: Option<u8>,
+}
+
+impl SendOptions {
+    /// No receipt, no trace, the configured hop limit.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    setters! {
+        /// Sets [`receipt`](Self::receipt).
+        receipt: bool,
+        /// Sets [`trace`](Self::trace).
+        trace: bool,
+        /// Sets [`hop_limit`](Self::hop_limit).
+        hop_limit: Option<u8>,
+    }
 }
 
 /// A refused submission: the reason and the payload, handed back untouched.
@@ -199,4 +267,32 @@ pub struct LinkStats {
     pub frames_received: u64,
     /// Remote nodes whose route is this link.
     pub nodes_behind: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setters_build_what_a_struct_update_would() {
+        let built = RouterConfig::default()
+            .max_queue_envelopes(7)
+            .receipt_timeout(None)
+            .no_route(NoRoutePolicy::Report)
+            .hop_limit(3);
+        let by_hand = RouterConfig {
+            max_queue_envelopes: 7,
+            receipt_timeout: None,
+            no_route: NoRoutePolicy::Report,
+            hop_limit: 3,
+            ..RouterConfig::default()
+        };
+        assert_eq!(built, by_hand);
+        assert_ne!(built, RouterConfig::default());
+        let o = SendOptions::new()
+            .receipt(true)
+            .trace(true)
+            .hop_limit(Some(2));
+        assert_eq!((o.receipt, o.trace, o.hop_limit), (true, true, Some(2)));
+    }
 }

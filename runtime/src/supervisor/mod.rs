@@ -138,6 +138,15 @@ impl Default for SupervisorConfig {
     }
 }
 
+impl SupervisorConfig {
+    /// Sets [`reload_on_sighup`](Self::reload_on_sighup).
+    #[must_use]
+    pub fn reload_on_sighup(mut self, yes: bool) -> Self {
+        self.reload_on_sighup = yes;
+        self
+    }
+}
+
 /// A supervisor in this process's bus: a handle (copyable) to state the bus keeps.
 ///
 /// See the [module documentation](self).

@@ -35,12 +35,13 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use forkbus::external::{ENV_FD, ENV_INCARNATION, ENV_PARENT};
 use forkbus::router::wire::{
     decode_frame, encode_frame, DecodeLimits, Deframer, Envelope, Flags, Frame, Hello, NodeDelta,
     NodeInfo, Notice, NoticeKind, RouteUpdate, WIRE_VERSION,
 };
-use forkbus::runtime::external::{ENV_FD, ENV_INCARNATION, ENV_PARENT};
-use forkbus::{Destination, Fate, LossReason, MessageId, NodeId, RouterConfig};
+use forkbus::router::RouterConfig;
+use forkbus::{Destination, Fate, LossReason, MessageId, NodeId};
 
 /// Pids of the fake nodes start here (above any `pid_max` Linux allows, 2^22).
 const FAKE_PID_BASE: u32 = 0x4000_0000;
