@@ -1,12 +1,16 @@
 //! The children of a process and where each is in its life.
 //!
 //! ```text
-//!            hello                    link down (EOF, error)
-//!   Forked ─────────► Running ───────────────────────────────► Unlinked ──reaped──► gone
-//!     │                  │                                                 (child exit)
-//!     └──────────────────┴──reaped──► Exited ──its link's peer shutdown──► gone
-//!                                                                     (child exit)
+//!            hello             EXIT sent (drain)       link down (EOF, error)
+//!   Forked ─────────► Running ───────────────► Stopping ─────────────────► Unlinked
+//!     │                  │                        │                          │ reaped
+//!     │                  │                        │                          ▼
+//!     └──────────────────┴────────reaped──────────┴──► Exited ──peer shutdown──► gone
+//!                                                                         (child exit)
 //! ```
+//!
+//! (Any linked state goes to Unlinked when its link goes down first.) How it ended —
+//! exited with a code or killed by a signal — is the `ExitStatus` its exit carries.
 //!
 //! A child's link may go down before or after the child is reaped; both orders end in one
 //! peer shutdown and then one child exit, and the exit knows how many processes the
@@ -35,6 +39,12 @@ pub enum ChildState {
         /// Its link.
         link: LinkId,
     },
+    /// The drain told it to exit (its subtree was quiet); it exits once its own children
+    /// are gone.
+    Stopping {
+        /// Its link.
+        link: LinkId,
+    },
     /// Its link is down; it is not reaped yet.
     Unlinked {
         /// Processes its subtree ever had, as its link said when it went down.
@@ -54,7 +64,7 @@ impl ChildState {
     /// Its link while open (not yet down).
     pub fn link(self) -> Option<LinkId> {
         match self {
-            Self::Forked { link } | Self::Running { link } => Some(link),
+            Self::Forked { link } | Self::Running { link } | Self::Stopping { link } => Some(link),
             Self::Unlinked { .. } | Self::Exited { .. } => None,
         }
     }

@@ -415,7 +415,9 @@ impl Node {
             return;
         };
         match child.state {
-            ChildState::Forked { link } | ChildState::Running { link } => {
+            ChildState::Forked { link }
+            | ChildState::Running { link }
+            | ChildState::Stopping { link } => {
                 // Its exit follows its link's peer shutdown, which says how many processes
                 // its subtree had.
                 child.state = ChildState::Exited { status, link };
@@ -600,7 +602,9 @@ impl Node {
             Relation::Child(pid) => {
                 if let Some(c) = self.children.get_mut(pid) {
                     match c.state {
-                        ChildState::Forked { .. } | ChildState::Running { .. } => {
+                        ChildState::Forked { .. }
+                        | ChildState::Running { .. }
+                        | ChildState::Stopping { .. } => {
                             c.state = ChildState::Unlinked { seen: nodes_ever };
                         }
                         ChildState::Exited { status, .. } => {
@@ -703,6 +707,13 @@ impl Node {
         for a in actions {
             match a {
                 DrainAction::ToChild(pid, c) => {
+                    if c == Control::Exit {
+                        if let Some(child) = self.children.get_mut(pid) {
+                            if let Some(link) = child.state.link() {
+                                child.state = ChildState::Stopping { link };
+                            }
+                        }
+                    }
                     let (code, data) = c.encode();
                     self.send_control(Relation::Child(pid), code, data);
                 }

@@ -306,3 +306,25 @@ fn control_frames_from_the_wrong_relation_are_refused() {
     assert!(!sim.procs[1].node.is_draining());
     assert_eq!(sim.procs[1].life, Life::Alive);
 }
+
+/// A drained child goes Running → Stopping (told to exit) → gone, and its parent only
+/// finishes once it is gone.
+#[test]
+fn the_drain_moves_children_through_stopping() {
+    use forkbus_node::ChildState;
+    let mut sim = ProcSim::new(config(11)).expect("valid config");
+    random_tree(&mut sim, 3); // 0 → 1 → 2 or 0 → {1, 2}
+    let child = pid_of(1);
+    let state = |s: &ProcSim| s.procs[0].node.child(child).map(|c| c.state);
+    assert!(matches!(state(&sim), Some(ChildState::Running { .. })));
+    sim.begin_drain(0);
+    sim.run_until(Duration::from_secs(10), |s| {
+        matches!(state(s), Some(ChildState::Stopping { .. }))
+    })
+    .expect("no livelock");
+    assert!(matches!(state(&sim), Some(ChildState::Stopping { .. })));
+    assert!(sim.procs[0].drained.is_none(), "finished with a child left");
+    sim.run_until(Duration::from_secs(10), |s| s.procs[0].drained.is_some())
+        .expect("no livelock");
+    assert_eq!(state(&sim), None, "the child is gone once the root drained");
+}
