@@ -51,8 +51,10 @@ def strip_tests(text: str) -> str:
 def expand_use_groups(text: str) -> list[list[str]]:
     """Paths of `crate::`/`super::`/`self::` mentions, `use` groups expanded one level."""
     paths = []
-    for m in re.finditer(r"\b(crate|super|self)((?:::\w+)+)(::\{([^{}]*)\})?", text):
-        base = [m.group(1)] + m.group(2).strip(":").split("::")
+    for m in re.finditer(r"\b(crate|super|self)((?:::\w+)*)(::\{([^{}]*)\})?", text):
+        if not m.group(2) and m.group(4) is None:
+            continue
+        base = [m.group(1)] + [p for p in m.group(2).strip(":").split("::") if p]
         if m.group(4) is not None:
             for item in m.group(4).split(","):
                 item = item.strip().split(" as ")[0].strip()

@@ -33,6 +33,7 @@ pub mod sim;
 mod tally;
 
 pub use children::{Child, ChildState};
+pub use control::supervision::{SupervisionFrame, SupervisionSender};
 pub use control::Control;
 pub use node::{Action, LinkInfo, Node, NodeConfig, NodeEvent, PeerShutdown, Refusal, Relation};
 pub use process::{ExitStatus, Pid};

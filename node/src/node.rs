@@ -101,19 +101,18 @@ pub enum NodeEvent {
         /// How it ended.
         status: ExitStatus,
     },
-    /// A control frame that is not the node core's: a service's to decode.
+    /// A service's control frame (not the node core's), decoded: the service decides
+    /// whether the sender may send it.
     Control {
         /// The link it came on.
         link: LinkId,
         /// Who sent it.
         from: LinkInfo,
-        /// Its code.
-        code: u32,
-        /// Its data.
-        data: Vec<u8>,
+        /// The frame.
+        control: Control,
     },
-    /// A control frame of the node core from a relation that may not send it, or of the
-    /// wrong shape: refused, and otherwise ignored.
+    /// A control frame of the node core from a relation that may not send it, a frame of
+    /// the wrong shape, or a code nobody knows: refused, and otherwise ignored.
     BadControl {
         /// The link it came on.
         link: LinkId,
@@ -638,12 +637,19 @@ impl Node {
             return;
         };
         if !Control::is_node_code(code) {
-            self.events.push_back(NodeEvent::Control {
-                link,
-                from,
-                code,
-                data,
-            });
+            match Control::decode_service(code, &data) {
+                Some(control) => self.events.push_back(NodeEvent::Control {
+                    link,
+                    from,
+                    control,
+                }),
+                None => {
+                    tracing::warn!(%link, code, "control frame not understood");
+                    let peer = self.router.link_stats(link).ok().and_then(|s| s.peer);
+                    self.events
+                        .push_back(NodeEvent::BadControl { link, peer, code });
+                }
+            }
             return;
         }
         let control = match from.relation {

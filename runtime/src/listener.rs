@@ -16,7 +16,7 @@ use crate::event::{Event, ServiceEvent};
 use crate::message::Message;
 use crate::ticket::Ticket;
 use crate::timer::TimerId;
-use forkbus_node::LinkInfo;
+use forkbus_node::{Control, LinkInfo};
 use forkbus_node::{ExitStatus, Pid};
 
 /// Receives what happens on the bus: every [`Event`], through [`on_event`](Self::on_event),
@@ -146,11 +146,11 @@ pub(crate) trait Service: Any {
         let _ = (bus, event);
     }
 
-    /// A control frame that is not the node core's, from a neighbour; `true` when this
+    /// A service's control frame from a neighbour, decoded by the node; `true` when this
     /// service took it (else the next service is asked, and a frame nobody takes is a bad
     /// control frame).
-    fn on_control(&self, bus: &mut Bus, from: LinkInfo, code: u32, data: &[u8]) -> bool {
-        let _ = (bus, from, code, data);
+    fn on_control(&self, bus: &mut Bus, from: LinkInfo, control: &Control) -> bool {
+        let _ = (bus, from, control);
         false
     }
 

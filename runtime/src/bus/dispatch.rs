@@ -5,7 +5,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use forkbus_node::{Action, LinkInfo, NodeEvent, PeerShutdown};
+use forkbus_node::{Action, Control, LinkInfo, NodeEvent, PeerShutdown};
 use forkbus_router::{DownCause, Event as RouterEvent};
 use nix::sys::signal::{kill, Signal};
 
@@ -31,10 +31,10 @@ impl Bus {
     }
 
     /// Offers a control frame to each service; `false` when none took it.
-    fn service_control(&mut self, from: LinkInfo, code: u32, data: &[u8]) -> bool {
+    fn service_control(&mut self, from: LinkInfo, control: &Control) -> bool {
         let mut i = 0;
         while let Some(service) = self.services.hook(i) {
-            if service.on_control(self, from, code, data) {
+            if service.on_control(self, from, control) {
                 return true;
             }
             i += 1;
@@ -64,10 +64,10 @@ impl Bus {
             NodeEvent::Control {
                 link,
                 from,
-                code,
-                data,
+                control,
             } => {
-                if !self.service_control(from, code, &data) {
+                if !self.service_control(from, &control) {
+                    let (code, _) = control.encode();
                     tracing::warn!(%link, code, relation = ?from.relation, "control frame refused");
                     let peer = self.peer_of(link);
                     self.emit(Event::Error(BusError::BadControl { peer, code }));

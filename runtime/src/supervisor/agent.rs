@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use forkbus_router::Timestamp;
 
-use super::proto::Frame;
 use super::registry;
 use super::types::{StopReason, StopRequest};
 use crate::bus::Bus;
 use crate::event::{Event, ServiceEvent};
 use crate::listener_set::panic_message;
 use forkbus_node::Relation;
+use forkbus_node::SupervisionFrame as Frame;
 
 /// Set when this process was asked to stop (by its supervisor, or by a tree shutdown).
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);

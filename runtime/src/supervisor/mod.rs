@@ -86,7 +86,6 @@ mod core;
 mod custody;
 pub(crate) mod error;
 mod policy;
-mod proto;
 pub(crate) mod types;
 
 use crate::child::PidExt;
@@ -117,7 +116,7 @@ use crate::timer::TimerId;
 use forkbus_node::LinkInfo;
 use forkbus_node::Pid;
 use forkbus_node::Relation;
-use proto::Frame;
+use forkbus_node::{Control, SupervisionFrame as Frame, SupervisionSender as Sender};
 
 /// The closure every process of a child runs.
 type StartFn = Rc<dyn Fn(&mut Bus)>;
@@ -670,8 +669,11 @@ impl Service for SupervisionService {
         }
     }
 
-    fn on_control(&self, bus: &mut Bus, from: LinkInfo, code: u32, data: &[u8]) -> bool {
-        on_control(bus, from.relation, from.forked, code, data)
+    fn on_control(&self, bus: &mut Bus, from: LinkInfo, control: &Control) -> bool {
+        match control {
+            Control::Supervision(frame) => on_control(bus, from.relation, from.forked, frame),
+            _ => false,
+        }
     }
 }
 
@@ -687,26 +689,24 @@ fn supervisor_ids(bus: &Bus) -> Vec<SupervisorId> {
 }
 
 /// A supervision control frame from a neighbour (`forked`: a child this process forked,
-/// not a program started with `Bus::exec_node`). `false`: malformed, or from a neighbour
-/// that may not send it ([`proto::accepted`]); the bus reports it as a bad control frame
-/// and nothing else happens.
-fn on_control(bus: &mut Bus, from: Relation, forked: bool, code: u32, data: &[u8]) -> bool {
+/// not a program started with `Bus::exec_node`). `false`: from a neighbour that may not
+/// send it ([`Frame::accepted_from`]); the bus reports it as a bad control frame and nothing
+/// else happens.
+fn on_control(bus: &mut Bus, from: Relation, forked: bool, frame: &Frame) -> bool {
     let sender = match from {
-        Relation::Parent => proto::Sender::Parent {
+        Relation::Parent => Sender::Parent {
             supervised: registry(bus).agent.is_some(),
         },
-        Relation::Child(pid) => proto::Sender::Child {
+        Relation::Child(pid) => Sender::Child {
             forked,
             supervised: owner_of(bus, pid).is_some(),
         },
-        Relation::Attached => proto::Sender::Attached,
+        Relation::Attached => Sender::Attached,
     };
-    if !proto::accepted(code, sender) {
+    if !frame.accepted_from(sender) {
         return false;
     }
-    let Some(frame) = Frame::decode(code, data) else {
-        return false;
-    };
+    let frame = frame.clone();
     let handled = match from {
         Relation::Parent => agent::on_frame(bus, frame),
         Relation::Child(pid) => on_child_frame(bus, pid, frame),

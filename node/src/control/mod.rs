@@ -11,10 +11,14 @@
 //! ```
 //!
 //! Each is accepted only from the relation that may send it ([`Control::from_parent`],
-//! [`Control::from_child`]); anything else is a bad control frame. Codes outside
-//! [`Control::is_node_code`] belong to the runtime's services (supervision, the task pool),
-//! which decode their own.
+//! [`Control::from_child`]); anything else is a bad control frame. The runtime's services
+//! bring their frames into the same enum ([`Control::Supervision`]: supervision and the
+//! task pool: [`SupervisionFrame`]); the node decodes them and hands them to the services,
+//! which know who may send what.
 
+pub(crate) mod supervision;
+
+use self::supervision::SupervisionFrame;
 use crate::tally::Tally;
 
 /// Parent → child: drain.
@@ -48,6 +52,8 @@ pub enum Control {
     },
     /// Child → parent: its subtree's tally, its last frame.
     Tally(Tally),
+    /// A frame of supervision or the task pool, for the runtime's supervision service.
+    Supervision(SupervisionFrame),
 }
 
 impl Control {
@@ -68,7 +74,17 @@ impl Control {
                 (CONTROL_QUIET, d)
             }
             Self::Tally(t) => (CONTROL_TALLY, t.encode()),
+            Self::Supervision(f) => f.encode(),
         }
+    }
+
+    /// A service's frame (any code that is not the node's): `None` for a code nobody
+    /// knows or data of the wrong shape.
+    pub fn decode_service(code: u32, data: &[u8]) -> Option<Self> {
+        if supervision::is_supervision(code) {
+            return SupervisionFrame::decode(code, data).map(Self::Supervision);
+        }
+        None
     }
 
     /// A frame that came from this node's parent; `None` for one a parent may not send
@@ -146,5 +162,18 @@ mod tests {
         );
         assert_eq!(Control::from_child(CONTROL_TALLY, &[0xff]), None);
         assert_eq!(Control::from_parent(CONTROL_DRAIN, &[0]), None);
+    }
+
+    #[test]
+    fn service_frames_share_the_enum_and_not_the_codes() {
+        let c = Control::Supervision(SupervisionFrame::Ping(9));
+        let (code, data) = c.encode();
+        assert!(!Control::is_node_code(code));
+        assert_eq!(Control::decode_service(code, &data), Some(c));
+        assert_eq!(Control::from_parent(code, &data), None);
+        assert_eq!(Control::decode_service(code, &[1]), None, "malformed");
+        let (drain, none) = Control::Drain.encode();
+        assert_eq!(Control::decode_service(drain, &none), None, "a node frame");
+        assert_eq!(Control::decode_service(0xdead_beef, &[]), None);
     }
 }

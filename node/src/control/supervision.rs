@@ -1,5 +1,6 @@
-//! The supervision protocol: link-level control frames between a supervisor and the
-//! processes it forked (never routed, never seen by listeners' `on_message`).
+//! The supervision protocol's control frames (the runtime's supervisors and task pools, and
+//! the workers they run): between a supervisor and the processes it forked, never routed,
+//! never seen by listeners.
 //!
 //! ```text
 //!   code      direction          data (little-endian)
@@ -14,7 +15,7 @@
 //! ```
 //!
 //! Frames are decoded strictly: a wrong length is a malformed frame, never a panic. They
-//! are taken only from the neighbour that may send them ([`accepted`]): `PING`, `STOP` and
+//! are taken only from the neighbour that may send them ([`SupervisionFrame::accepted_from`]): `PING`, `STOP` and
 //! `JOB` from the parent of a supervised worker; `PONG`, `READY`, `RECYCLE` and `RESULT`
 //! from a child that a supervisor of this process owns; `GAVE_UP` from a child this
 //! process forked (a supervisor of its own gave up), never from a program started with
@@ -24,73 +25,118 @@ use std::time::Duration;
 
 /// The first code of the supervision range.
 const BASE: u32 = 0x4642_0100;
-pub(crate) const PING: u32 = BASE + 1;
-pub(crate) const PONG: u32 = BASE + 2;
-pub(crate) const READY: u32 = BASE + 3;
-pub(crate) const STOP: u32 = BASE + 4;
-pub(crate) const RECYCLE: u32 = BASE + 5;
-pub(crate) const GAVE_UP: u32 = BASE + 6;
-pub(crate) const JOB: u32 = BASE + 7;
-pub(crate) const RESULT: u32 = BASE + 8;
+const PING: u32 = BASE + 1;
+const PONG: u32 = BASE + 2;
+const READY: u32 = BASE + 3;
+const STOP: u32 = BASE + 4;
+const RECYCLE: u32 = BASE + 5;
+const GAVE_UP: u32 = BASE + 6;
+const JOB: u32 = BASE + 7;
+const RESULT: u32 = BASE + 8;
 
 /// Whether a control code belongs to supervision.
-#[cfg(test)]
-fn is_supervision(code: u32) -> bool {
+pub(crate) fn is_supervision(code: u32) -> bool {
     (PING..=RESULT).contains(&code)
 }
 
 /// Who a supervision frame came from, as far as taking it goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Sender {
-    /// This process's parent; `supervised`: this process is a supervised worker (it has
-    /// an agent).
-    Parent { supervised: bool },
-    /// A child of this process: `forked` by it (not started with `Bus::exec_node`),
-    /// `supervised` (owned by one of its supervisors).
-    Child { forked: bool, supervised: bool },
+pub enum SupervisionSender {
+    /// This process's parent.
+    Parent {
+        /// This process is a supervised worker (it carries an agent).
+        supervised: bool,
+    },
+    /// A child of this process.
+    Child {
+        /// Forked by this process (not started with `Bus::exec_node`).
+        forked: bool,
+        /// Owned by one of this process's supervisors.
+        supervised: bool,
+    },
     /// An attached link.
     Attached,
 }
 
 /// Whether a frame with this code may come from `from` (see the module documentation).
-pub(crate) fn accepted(code: u32, from: Sender) -> bool {
+fn accepted(code: u32, from: SupervisionSender) -> bool {
     match (code, from) {
-        (PING | STOP | JOB, Sender::Parent { supervised }) => supervised,
-        (PONG | READY | RECYCLE | RESULT, Sender::Child { supervised, .. }) => supervised,
-        (GAVE_UP, Sender::Child { forked, .. }) => forked,
+        (PING | STOP | JOB, SupervisionSender::Parent { supervised }) => supervised,
+        (PONG | READY | RECYCLE | RESULT, SupervisionSender::Child { supervised, .. }) => {
+            supervised
+        }
+        (GAVE_UP, SupervisionSender::Child { forked, .. }) => forked,
         _ => false,
     }
 }
 
-/// A decoded supervision frame.
+/// A supervision frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Frame {
+#[non_exhaustive]
+pub enum SupervisionFrame {
+    /// Supervisor → worker: a heartbeat.
     Ping(u64),
+    /// Worker → supervisor: the answer to a heartbeat, from the worker's loop.
     Pong(u64),
+    /// Worker → supervisor: it is up (its start closure returned, or it said so).
     Ready,
+    /// Supervisor → worker: finish what is in hand and exit.
     Stop {
+        /// Why (a `StopReason` code of the runtime).
         why: u8,
+        /// When it is killed if still running.
         deadline: Duration,
+        /// How long it must be quiet before it drains.
         quiet: Duration,
     },
+    /// Worker → supervisor: it handled this many messages, its recycling limit.
     Recycle(u64),
+    /// Child → parent: a supervisor of the child's gave up on one of its children.
     GaveUp {
+        /// Restarts it made before giving up.
         restarts: u32,
+        /// The child's name, if it had one.
         name: Option<String>,
     },
+    /// Pool owner → worker: a job.
     Job {
+        /// The task.
         id: u64,
+        /// The job's bytes.
         payload: Vec<u8>,
     },
+    /// Worker → pool owner: a job's result (the error text when the handler failed).
     Result {
+        /// The task.
         id: u64,
+        /// The value's bytes, or the failure.
         outcome: Result<Vec<u8>, String>,
     },
 }
 
-impl Frame {
+impl SupervisionFrame {
+    /// Whether a frame of this kind may come from `from`: `Ping`, `Stop` and `Job` from the
+    /// parent of a supervised worker; `Pong`, `Ready`, `Recycle` and `Result` from a child
+    /// a supervisor here owns; `GaveUp` from a child this process forked.
+    pub fn accepted_from(&self, from: SupervisionSender) -> bool {
+        accepted(self.code(), from)
+    }
+
+    fn code(&self) -> u32 {
+        match self {
+            Self::Ping(_) => PING,
+            Self::Pong(_) => PONG,
+            Self::Ready => READY,
+            Self::Stop { .. } => STOP,
+            Self::Recycle(_) => RECYCLE,
+            Self::GaveUp { .. } => GAVE_UP,
+            Self::Job { .. } => JOB,
+            Self::Result { .. } => RESULT,
+        }
+    }
+
     /// Its code and data.
-    pub(crate) fn encode(&self) -> (u32, Vec<u8>) {
+    pub fn encode(&self) -> (u32, Vec<u8>) {
         let mut d = Vec::new();
         let code = match self {
             Self::Ping(seq) => {
@@ -149,7 +195,7 @@ impl Frame {
 
     /// The frame of a code and its data; `None` for a code outside the range or data of the
     /// wrong shape.
-    pub(crate) fn decode(code: u32, data: &[u8]) -> Option<Self> {
+    pub fn decode(code: u32, data: &[u8]) -> Option<Self> {
         let u64_at = |at: usize| -> Option<u64> {
             let b: [u8; 8] = data.get(at..at + 8)?.try_into().ok()?;
             Some(u64::from_le_bytes(b))
@@ -218,36 +264,36 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let frames = [
-            Frame::Ping(7),
-            Frame::Pong(u64::MAX),
-            Frame::Ready,
-            Frame::Stop {
+            SupervisionFrame::Ping(7),
+            SupervisionFrame::Pong(u64::MAX),
+            SupervisionFrame::Ready,
+            SupervisionFrame::Stop {
                 why: 2,
                 deadline: Duration::from_millis(1500),
                 quiet: Duration::from_millis(20),
             },
-            Frame::Recycle(123),
-            Frame::GaveUp {
+            SupervisionFrame::Recycle(123),
+            SupervisionFrame::GaveUp {
                 restarts: 5,
                 name: Some("db".into()),
             },
-            Frame::GaveUp {
+            SupervisionFrame::GaveUp {
                 restarts: 1,
                 name: None,
             },
-            Frame::Job {
+            SupervisionFrame::Job {
                 id: 9,
                 payload: vec![1, 2, 3],
             },
-            Frame::Job {
+            SupervisionFrame::Job {
                 id: 10,
                 payload: Vec::new(),
             },
-            Frame::Result {
+            SupervisionFrame::Result {
                 id: 9,
                 outcome: Ok(vec![4, 5]),
             },
-            Frame::Result {
+            SupervisionFrame::Result {
                 id: 9,
                 outcome: Err("boom".into()),
             },
@@ -255,45 +301,47 @@ mod tests {
         for f in frames {
             let (code, data) = f.encode();
             assert!(is_supervision(code));
-            assert_eq!(Frame::decode(code, &data), Some(f));
+            assert_eq!(SupervisionFrame::decode(code, &data), Some(f));
         }
     }
 
     #[test]
     fn frames_are_taken_only_from_who_may_send_them() {
         let senders = [
-            Sender::Parent { supervised: true },
-            Sender::Parent { supervised: false },
-            Sender::Child {
+            SupervisionSender::Parent { supervised: true },
+            SupervisionSender::Parent { supervised: false },
+            SupervisionSender::Child {
                 forked: true,
                 supervised: true,
             },
-            Sender::Child {
+            SupervisionSender::Child {
                 forked: true,
                 supervised: false,
             },
-            Sender::Child {
+            SupervisionSender::Child {
                 forked: false,
                 supervised: false,
             },
-            Sender::Child {
+            SupervisionSender::Child {
                 forked: false,
                 supervised: true,
             },
-            Sender::Attached,
+            SupervisionSender::Attached,
         ];
-        let from_supervisor = |s: Sender| s == Sender::Parent { supervised: true };
-        let from_worker = |s: Sender| {
+        let from_supervisor =
+            |s: SupervisionSender| s == SupervisionSender::Parent { supervised: true };
+        let from_worker = |s: SupervisionSender| {
             matches!(
                 s,
-                Sender::Child {
+                SupervisionSender::Child {
                     supervised: true,
                     ..
                 }
             )
         };
-        let from_forked = |s: Sender| matches!(s, Sender::Child { forked: true, .. });
-        let rules: [(u32, &dyn Fn(Sender) -> bool); 8] = [
+        let from_forked =
+            |s: SupervisionSender| matches!(s, SupervisionSender::Child { forked: true, .. });
+        let rules: [(u32, &dyn Fn(SupervisionSender) -> bool); 8] = [
             (PING, &from_supervisor),
             (STOP, &from_supervisor),
             (JOB, &from_supervisor),
@@ -311,12 +359,12 @@ mod tests {
         // An exec'd node no supervisor owns can send no supervision frame at all; nor can
         // an attached peer.
         for code in [PING, PONG, READY, STOP, RECYCLE, GAVE_UP, JOB, RESULT] {
-            let exec = Sender::Child {
+            let exec = SupervisionSender::Child {
                 forked: false,
                 supervised: false,
             };
             assert!(!accepted(code, exec), "{code:#x}");
-            assert!(!accepted(code, Sender::Attached), "{code:#x}");
+            assert!(!accepted(code, SupervisionSender::Attached), "{code:#x}");
         }
         for s in senders {
             assert!(!accepted(BASE, s) && !accepted(BASE + 99, s), "{s:?}");
@@ -325,14 +373,17 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_refused_without_panicking() {
-        assert_eq!(Frame::decode(PING, &[1, 2, 3]), None);
-        assert_eq!(Frame::decode(READY, &[0]), None);
-        assert_eq!(Frame::decode(STOP, &[0; 16]), None);
-        assert_eq!(Frame::decode(JOB, &[0; 7]), None);
-        assert_eq!(Frame::decode(RESULT, &[0; 8]), None);
-        assert_eq!(Frame::decode(RESULT, &[0, 0, 0, 0, 0, 0, 0, 0, 7]), None);
-        assert_eq!(Frame::decode(GAVE_UP, &[0, 0, 0, 0, 0xff]), None);
-        assert_eq!(Frame::decode(BASE + 99, &[]), None);
+        assert_eq!(SupervisionFrame::decode(PING, &[1, 2, 3]), None);
+        assert_eq!(SupervisionFrame::decode(READY, &[0]), None);
+        assert_eq!(SupervisionFrame::decode(STOP, &[0; 16]), None);
+        assert_eq!(SupervisionFrame::decode(JOB, &[0; 7]), None);
+        assert_eq!(SupervisionFrame::decode(RESULT, &[0; 8]), None);
+        assert_eq!(
+            SupervisionFrame::decode(RESULT, &[0, 0, 0, 0, 0, 0, 0, 0, 7]),
+            None
+        );
+        assert_eq!(SupervisionFrame::decode(GAVE_UP, &[0, 0, 0, 0, 0xff]), None);
+        assert_eq!(SupervisionFrame::decode(BASE + 99, &[]), None);
         assert!(!is_supervision(BASE));
         assert!(!is_supervision(0x4642_0001));
     }
