@@ -1,6 +1,7 @@
-"""A Python leaf worker: takes a name, answers every message with the same value and a
-receipt, and says how its own receipts ended. Started by a forkbus process with
-``Bus::exec_node`` (``tests/python_worker.rs`` runs it)."""
+"""A Python leaf worker: takes a name (its argument, or the one its supervisor gives it),
+answers every message with the same value and a receipt, and says how its own receipts
+ended. Started by a forkbus process with ``Bus::exec_node`` or supervised with
+``Supervisor::spawn_program`` (``tests/python_worker.rs`` runs it both ways)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from forkbus import Message, Outcome, Worker
 
 
 def main() -> int:
-    worker = Worker.from_env()
-    name = sys.argv[1] if len(sys.argv) > 1 else "py-echo"
-    worker.register_name(name)
+    worker = Worker.from_env()  # takes the name its supervisor gave it, if any
+    if len(sys.argv) > 1:
+        worker.register_name(sys.argv[1])
+    name = ",".join(worker.names)
     delivered = []
 
     def on_message(w: Worker, m: Message) -> None:

@@ -151,3 +151,38 @@ def test_every_kind_of_address_becomes_its_destination() -> None:
     assert [e.seq for e in envs] == [0, 1, 2, 3, 4]
     parent.close()
     t.join(5)
+
+
+def test_a_supervised_worker_says_ready_answers_pings_and_stops() -> None:
+    ours, theirs = socket.socketpair()
+    w = Worker(theirs, ME, PARENT, supervised=True)
+    stopped: List[bool] = []
+    w.on_stop = lambda worker: stopped.append(True)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(w.run()), daemon=True)
+    t.start()
+    hello, ready = read_frames(ours, 2)
+    assert ready == wire.Control(0x46420103, b"")
+    ours.sendall(wire.encode(wire.Hello(wire.WIRE_VERSION, PARENT)))
+    ours.sendall(wire.encode(wire.Control(0x46420101, struct.pack("<Q", 7))))
+    (pong,) = read_frames(ours, 1)
+    assert pong == wire.Control(0x46420102, struct.pack("<Q", 7))
+    stop = bytes([1]) + struct.pack("<Q", 5000) + struct.pack("<Q", 20)
+    ours.sendall(wire.encode(wire.Control(0x46420104, stop)))
+    (tally,) = read_frames(ours, 1)
+    assert isinstance(tally, wire.Control) and tally.code == TALLY
+    t.join(5)
+    assert result == [0] and stopped == [True]
+
+
+def test_an_unsupervised_worker_ignores_supervision() -> None:
+    w, parent, _, t, result = start()
+    read_frames(parent, 1)  # the hello, and no READY
+    parent.sendall(wire.encode(wire.Hello(wire.WIRE_VERSION, PARENT)))
+    parent.sendall(wire.encode(wire.Control(0x46420101, struct.pack("<Q", 7))))
+    parent.sendall(wire.encode(wire.Control(PROBE, struct.pack("<Q", 1))))
+    (quiet,) = read_frames(parent, 1)
+    assert isinstance(quiet, wire.Control) and quiet.code == QUIET, "no pong before it"
+    parent.close()
+    t.join(5)
+    assert result == [1]

@@ -22,6 +22,8 @@ from forkbus.wire import NodeId
 
 #: Control codes of the node core (``docs/wire.md``, section 4).
 DRAIN, TALLY, PROBE, QUIET, EXIT = 0x46420001, 0x46420002, 0x46420003, 0x46420004, 0x46420005
+#: Control codes of supervision a supervised worker takes or sends.
+PING, PONG, READY, STOP = 0x46420101, 0x46420102, 0x46420103, 0x46420104
 
 #: How many sequence numbers per origin the duplicate window covers.
 SEEN_WINDOW = 128
@@ -61,12 +63,20 @@ class Worker:
     then :meth:`run` until the tree drains or the parent goes away.
     """
 
-    def __init__(self, sock: socket.socket, me: NodeId, parent: NodeId) -> None:
+    def __init__(
+        self, sock: socket.socket, me: NodeId, parent: NodeId, supervised: bool = False
+    ) -> None:
         self.sock = sock
         self.me = me
         self.parent = parent
+        #: Started by a supervisor (``Supervisor::spawn_program``): it takes heartbeats and
+        #: stop requests, and says when it is ready.
+        self.supervised = supervised
         self.on_message: Optional[Callable[["Worker", Message], None]] = None
         self.on_outcome: Optional[Callable[["Worker", Outcome], None]] = None
+        #: Called when the supervisor asks this worker to stop, before it exits.
+        self.on_stop: Optional[Callable[["Worker"], None]] = None
+        self._ready_sent = False
         self._deframer = wire.Deframer()
         self._out = bytearray()
         self._tx_numbered = 0  # numbered frames written on the link
@@ -97,11 +107,32 @@ class Worker:
             incarnation = int(os.environ["FORKBUS_INCARNATION"])
         except (KeyError, ValueError) as e:
             raise RuntimeError(f"not started by forkbus (Bus::exec_node): {e}") from e
-        for var in ("FORKBUS_FD", "FORKBUS_PARENT", "FORKBUS_INCARNATION"):
+        name = os.environ.get("FORKBUS_NAME")
+        supervised = os.environ.get("FORKBUS_SUPERVISED") == "1"
+        for var in ("FORKBUS_FD", "FORKBUS_PARENT", "FORKBUS_INCARNATION", "FORKBUS_NAME",
+                    "FORKBUS_SUPERVISED"):
             os.environ.pop(var, None)
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)
-        return cls(sock, NodeId(host, os.getpid(), incarnation), NodeId(host, pid, inc))
+        worker = cls(
+            sock, NodeId(host, os.getpid(), incarnation), NodeId(host, pid, inc), supervised
+        )
+        if name:
+            # The name its supervisor gave it (kept across restarts).
+            worker.register_name(name)
+        return worker
+
+    @property
+    def names(self) -> List[str]:
+        """The names this worker registered."""
+        return list(self._names)
+
+    def ready(self) -> None:
+        """Tells the supervisor this worker is up (its model loaded, say). :meth:`run` says
+        it on its own if the worker did not; a worker nobody supervises says nothing."""
+        if self.supervised and not self._ready_sent:
+            self._ready_sent = True
+            self._write(wire.Control(READY, b""))
 
     # -----------------------------------------------------------------------------------
     # Sending
@@ -156,6 +187,7 @@ class Worker:
     def run(self) -> int:
         """Serves until the tree drains (returns 0) or the parent goes away (returns 1).
         Raises :class:`~forkbus.wire.ProtocolError` on malformed input from the parent."""
+        self.ready()
         self._flush()
         while not self._done:
             try:
@@ -260,6 +292,16 @@ class Worker:
             self._rx_mark = self._rx_numbered
             self._write(wire.Control(QUIET, c.data + bytes([int(still)])))
         elif c.code == EXIT and not c.data:
+            self._write(wire.Control(TALLY, self._tally()))
+            self._done = True
+        elif c.code == PING and len(c.data) == 8 and self.supervised:
+            # The loop is running: that is the answer.
+            self._write(wire.Control(PONG, c.data))
+        elif c.code == STOP and len(c.data) == 17 and self.supervised:
+            # Asked to stop (recycling, reload, a stop request): finish, report, exit 0.
+            self._draining = True
+            if self.on_stop is not None:
+                self.on_stop(self)
             self._write(wire.Control(TALLY, self._tally()))
             self._done = True
         else:

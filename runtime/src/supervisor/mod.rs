@@ -109,6 +109,7 @@ pub(crate) use agent::JobFn;
 use self::core::{Core, Effects, ForkOrder, ReloadRefusal};
 use crate::bus::{Bus, ForkOptions};
 use crate::event::{Event, ServiceEvent};
+use crate::exec::Command;
 use crate::listener::Service;
 use crate::pool::state::PoolState;
 use crate::pool::types::TaskOutcome;
@@ -120,6 +121,14 @@ use forkbus_node::{Control, SupervisionFrame as Frame, SupervisionSender as Send
 
 /// The closure every process of a child runs.
 type StartFn = Rc<dyn Fn(&mut Bus)>;
+
+/// How every process of a child starts: a forked closure, or a program that joins the tree
+/// ([`Bus::exec_node`]).
+#[derive(Clone)]
+enum Start {
+    Closure(StartFn),
+    Program(Box<Command>),
+}
 
 /// How a supervisor behaves as a whole.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,7 +185,7 @@ impl std::fmt::Debug for Registry {
 struct Entry {
     core: Core,
     config: SupervisorConfig,
-    starts: Vec<StartFn>,
+    starts: Vec<Start>,
     timer: Option<(TimerId, Timestamp)>,
     pool: Option<PoolState<JobFn>>,
     /// Names held in custody for children that are down ([`WhileDown::Queue`]).
@@ -249,7 +258,48 @@ impl Supervisor {
         validate(bus, &spec)?;
         match registry(bus).supervisors.get_mut(self.id.0 as usize) {
             // The closure of child `n` is `starts[n]`: in place before its first fork.
-            Some(Some(e)) => e.starts.push(worker),
+            Some(Some(e)) => e.starts.push(Start::Closure(worker)),
+            _ => return Err(SuperviseError::NoSuchSupervisor),
+        }
+        operate(bus, self.id, move |core, _, fx| {
+            let now = crate::clock::monotonic_now();
+            core.add(now, spec, fx)
+        })
+        .ok_or(SuperviseError::NoSuchSupervisor)
+    }
+
+    /// Adds a supervised child whose every process is `program`, started as a node of the
+    /// tree ([`Bus::exec_node`]): restart policy, backoff, intensity, heartbeats, stop
+    /// requests and its name across restarts work as for a forked child. The program is
+    /// told its name in `FORKBUS_NAME` and that it is supervised in `FORKBUS_SUPERVISED`;
+    /// it registers the name, says when it is ready (`READY`), answers `PING`s and exits
+    /// when asked to stop (`docs/wire.md`; the Python package does all of it).
+    ///
+    /// Refused ([`SuperviseError::InvalidSpec`]) for a spec a program cannot honour yet:
+    /// its name held in custody while it is down ([`WhileDown::Queue`]) or a request limit
+    /// (recycling counts messages inside the process).
+    pub fn spawn_program(
+        &self,
+        bus: &mut Bus,
+        spec: ChildSpec,
+        program: Command,
+    ) -> Result<ChildId, SuperviseError> {
+        if bus.is_stopping() {
+            return Err(SuperviseError::ShuttingDown);
+        }
+        if matches!(spec.while_down, WhileDown::Queue { .. }) {
+            return Err(SuperviseError::InvalidSpec(
+                "a program child cannot hold its name in custody while down",
+            ));
+        }
+        if spec.max_requests.is_some() {
+            return Err(SuperviseError::InvalidSpec(
+                "a program child cannot be recycled after a number of requests",
+            ));
+        }
+        validate(bus, &spec)?;
+        match registry(bus).supervisors.get_mut(self.id.0 as usize) {
+            Some(Some(e)) => e.starts.push(Start::Program(Box::new(program))),
             _ => return Err(SuperviseError::NoSuchSupervisor),
         }
         operate(bus, self.id, move |core, _, fx| {
@@ -417,7 +467,7 @@ fn reg_entry(reg: &Registry, id: SupervisorId) -> Option<&Entry> {
 /// The bus's side of the state machine's effects.
 struct Shell<'a> {
     bus: &'a mut Bus,
-    starts: &'a [StartFn],
+    starts: &'a [Start],
     job: Option<JobFn>,
     events: Vec<SupervisionEvent>,
     outcomes: Vec<TaskOutcome>,
@@ -426,8 +476,20 @@ struct Shell<'a> {
 impl Effects for Shell<'_> {
     fn fork(&mut self, order: &ForkOrder) -> Result<Pid, String> {
         let i = order.child.0 as usize;
-        let Some(start) = self.starts.get(i).cloned() else {
-            return Err("no closure for this child".to_owned());
+        let start = match self.starts.get(i).cloned() {
+            Some(Start::Closure(start)) => start,
+            Some(Start::Program(program)) => {
+                let program = *program;
+                let program = match &order.name {
+                    Some(name) => program.env("FORKBUS_NAME", name),
+                    None => program,
+                };
+                return self
+                    .bus
+                    .exec_node(&program.env("FORKBUS_SUPERVISED", "1"))
+                    .map_err(|e| e.to_string());
+            }
+            None => return Err("no closure for this child".to_owned()),
         };
         let limit = order.limit;
         let job = self.job.clone();
