@@ -186,3 +186,49 @@ def test_an_unsupervised_worker_ignores_supervision() -> None:
     parent.close()
     t.join(5)
     assert result == [1]
+
+
+def test_the_asyncio_loop_speaks_the_same_protocol() -> None:
+    import asyncio
+
+    ours, theirs = socket.socketpair()
+    w = Worker(theirs, ME, PARENT)
+    seen: List[object] = []
+
+    async def on_message(worker: Worker, m: Message) -> None:
+        await asyncio.sleep(0)  # an async handler, awaited before the next frame
+        seen.append(m.decode())
+        worker.send(m.origin, m.decode())
+
+    w.on_message = on_message
+
+    def parent() -> None:
+        (hello,) = read_frames(ours, 1)
+        assert hello == wire.Hello(wire.WIRE_VERSION, ME)
+        env = wire.Envelope(0, PARENT, 0, 0, 64, 0, wire.Destination("node", node=ME), cbor2.dumps(42))
+        ours.sendall(wire.encode(wire.Hello(wire.WIRE_VERSION, PARENT)) + wire.encode(env))
+        frames = read_frames(ours, 2)
+        echoes = [f for f in frames if isinstance(f, wire.Envelope)]
+        assert [cbor2.loads(e.payload) for e in echoes] == [42]
+        ours.sendall(wire.encode(wire.Control(EXIT, b"")))
+        read_frames(ours, 1)
+
+    t = threading.Thread(target=parent, daemon=True)
+    t.start()
+    assert asyncio.run(w.run_async()) == 0
+    t.join(5)
+    assert seen == [42]
+
+
+def test_an_async_handler_under_the_blocking_loop_is_an_error() -> None:
+    ours, theirs = socket.socketpair()
+    w = Worker(theirs, ME, PARENT)
+
+    async def handler(worker: Worker, m: Message) -> None:
+        return None
+
+    w.on_message = handler
+    env = wire.Envelope(0, PARENT, 0, 0, 64, 0, wire.Destination("node", node=ME), cbor2.dumps(1))
+    ours.sendall(wire.encode(wire.Hello(wire.WIRE_VERSION, PARENT)) + wire.encode(env))
+    with pytest.raises(TypeError):
+        w.run()

@@ -9,11 +9,13 @@ its parent, which routes it. Malformed input from the parent ends the worker wit
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 import cbor2
 
@@ -72,11 +74,13 @@ class Worker:
         #: Started by a supervisor (``Supervisor::spawn_program``): it takes heartbeats and
         #: stop requests, and says when it is ready.
         self.supervised = supervised
-        self.on_message: Optional[Callable[["Worker", Message], None]] = None
+        self.on_message: Optional[Callable[["Worker", Message], Any]] = None
         self.on_outcome: Optional[Callable[["Worker", Outcome], None]] = None
         #: Called when the supervisor asks this worker to stop, before it exits.
         self.on_stop: Optional[Callable[["Worker"], None]] = None
         self._ready_sent = False
+        #: Awaitables returned by handlers (``run_async`` only).
+        self._awaiting: Optional[List[Awaitable[Any]]] = None
         self._deframer = wire.Deframer()
         self._out = bytearray()
         self._tx_numbered = 0  # numbered frames written on the link
@@ -187,6 +191,7 @@ class Worker:
     def run(self) -> int:
         """Serves until the tree drains (returns 0) or the parent goes away (returns 1).
         Raises :class:`~forkbus.wire.ProtocolError` on malformed input from the parent."""
+        self.sock.setblocking(True)
         self.ready()
         self._flush()
         while not self._done:
@@ -196,12 +201,38 @@ class Worker:
                 data = b""
             if not data:
                 return 1
-            for frame in self._deframer.feed(data):
-                self._handle(frame)
-            self._ack()
+            self._take(data)
             self._flush()
         self._flush()
         return 0
+
+    async def run_async(self) -> int:
+        """:meth:`run` on the running ``asyncio`` loop: the same protocol, the socket read
+        and written without blocking the loop, so handlers may start tasks of their own (a
+        handler that returns an awaitable is awaited before the next frame)."""
+        loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        self._awaiting = []
+        self.ready()
+        await self._flush_async(loop)
+        while not self._done:
+            try:
+                data = await loop.sock_recv(self.sock, 1 << 16)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return 1
+            self._take(data)
+            while self._awaiting:
+                await self._awaiting.pop(0)
+            await self._flush_async(loop)
+        await self._flush_async(loop)
+        return 0
+
+    def _take(self, data: bytes) -> None:
+        for frame in self._deframer.feed(data):
+            self._handle(frame)
+        self._ack()
 
     def _handle(self, frame: wire.Frame) -> None:
         if not self._hello:
@@ -261,7 +292,14 @@ class Worker:
         self._seen[env.origin] = (base, seen)
         self.counts["delivered"] += 1
         if self.on_message is not None:
-            self.on_message(self, Message(env.origin, env.seq, env.payload))
+            done = self.on_message(self, Message(env.origin, env.seq, env.payload))
+            if inspect.isawaitable(done):
+                if self._awaiting is None:
+                    close = getattr(done, "close", None)
+                    if close is not None:
+                        close()  # never awaited: say so once, as this error
+                    raise TypeError("an async handler needs run_async()")
+                self._awaiting.append(done)
         if env.flags & wire.FLAG_RECEIPT:
             self._write(
                 wire.Notice(self._tx_numbered, env.origin, env.seq, self.me, 0, 0)
@@ -329,3 +367,9 @@ class Worker:
         if self._out:
             self.sock.sendall(bytes(self._out))
             self._out.clear()
+
+    async def _flush_async(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._out:
+            out = bytes(self._out)
+            self._out.clear()
+            await loop.sock_sendall(self.sock, out)
