@@ -219,6 +219,40 @@ pub(crate) fn round_trip(
     Ok((samples, tally))
 }
 
+/// Round trips of a 64-byte payload from the root to a Python leaf worker
+/// (`benches/python/echo.py` on the package in `python/src`, joined with `Bus::exec_node`)
+/// and back.
+pub(crate) fn python_round_trip(
+    python: &str,
+    rounds: usize,
+    warmup: usize,
+) -> io::Result<(Samples, Tally)> {
+    let root_dir = env!("CARGO_MANIFEST_DIR");
+    let mut bus = root_bus()?;
+    let command = forkbus::exec::Command::new(python)
+        .arg(format!("{root_dir}/benches/python/echo.py"))
+        .env("PYTHONPATH", format!("{root_dir}/python/src"))
+        .stdout(forkbus::exec::Output::Inherit)
+        .stderr(forkbus::exec::Output::Inherit);
+    let samples = Rc::new(RefCell::new(Samples::with_capacity(rounds)));
+    bus.add_listener(
+        0,
+        Pinger {
+            leaf: None,
+            warmup,
+            left: rounds,
+            payload: vec![7; 64],
+            t: Instant::now(),
+            samples: samples.clone(),
+        },
+    );
+    bus.exec_node(&command).map_err(io::Error::from)?;
+    run_until_stopped(&mut bus, "python round trip")?;
+    let tally = check(&finish(bus)?, "python round trip");
+    let samples = samples.take();
+    Ok((samples, tally))
+}
+
 // ---------------------------------------------------------------------------------------
 // Throughput
 

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench bus                       # everything, a few minutes
 //! cargo bench --bench bus -- --quick            # a short run (or FORKBUS_BENCH_QUICK=1)
-//! cargo bench --bench bus -- --only rtt,fork    # some groups: fork rtt throughput broadcast frames
+//! cargo bench --bench bus -- --only rtt,fork    # some groups: fork rtt throughput broadcast frames python
 //! ```
 //!
 //! Every figure is measured in repetitions that alternate between raw and forkbus (raw
@@ -27,7 +27,7 @@ use stats::us;
 
 /// The groups, in the order they run (memory first, while the bench's own heap is small
 /// and alike for both sides).
-const GROUPS: [&str; 5] = ["fork", "rtt", "throughput", "broadcast", "frames"];
+const GROUPS: [&str; 6] = ["fork", "rtt", "throughput", "broadcast", "frames", "python"];
 
 /// ZeroMQ PAIR over ipc:// on this machine, 64 B (issue 4 / DESIGN).
 const ZMQ_LO: f64 = 3.0e6;
@@ -196,6 +196,7 @@ fn main() -> io::Result<()> {
             "throughput" => throughput_group(&plan, &mut extra),
             "broadcast" => broadcast_group(&plan, &mut extra),
             "frames" => frames_group(&mut extra),
+            "python" => python_group(&plan, &mut extra),
             _ => Ok(Vec::new()),
         };
         let (reaped, left) = proc::reap_strays(Duration::from_secs(2));
@@ -781,4 +782,53 @@ fn frames_group(extra: &mut serde_json::Map<String, Value>) -> io::Result<Vec<Ro
         )
         .note(note),
     ])
+}
+
+/// A Python leaf worker's round trip through forkbus, beside Python's own
+/// `multiprocessing.Pipe` between two Python processes (`benches/python/pipe_rtt.py`), in
+/// the same run. The interpreter is `FORKBUS_PYTHON` (with `cbor2`), else `python3`.
+fn python_group(plan: &Plan, extra: &mut serde_json::Map<String, Value>) -> io::Result<Vec<Row>> {
+    let python = std::env::var("FORKBUS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let (rounds, warmup, reps) = (plan.rtt_rounds, plan.rtt_warmup, plan.reps);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python/pipe_rtt.py");
+    let (raw, fb) = alternate(
+        plan,
+        reps,
+        || -> io::Result<f64> {
+            let out = std::process::Command::new(&python)
+                .arg(script)
+                .arg(rounds.to_string())
+                .arg(warmup.to_string())
+                .output()?;
+            if !out.status.success() {
+                return Err(io::Error::other(format!(
+                    "{script}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<f64>()
+                .map_err(|e| io::Error::other(format!("{script} printed no median: {e}")))
+        },
+        || -> io::Result<f64> {
+            let (samples, _) = fb::python_round_trip(&python, rounds, warmup)?;
+            Ok(us(samples.median()))
+        },
+    )?;
+    extra.insert(
+        "python".into(),
+        json!({ "interpreter": python, "rounds": rounds, "warmup": warmup }),
+    );
+    Ok(vec![Row::new(
+        "python",
+        "rtt 64 B Python worker median",
+        Unit::Micros,
+        fb,
+        raw,
+        Goal::None,
+    )
+    .note(
+        "raw: multiprocessing.Pipe between two Python processes".to_owned(),
+    )])
 }

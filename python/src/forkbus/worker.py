@@ -150,11 +150,18 @@ class Worker:
         delta = wire.NodeDelta(self.me, self._version, add_names=(name,))
         self._write(wire.Routes(change=(delta,)))
 
+    def send_bytes(self, to: Any, payload: bytes, receipt: bool = False) -> int:
+        """Like :meth:`send`, with the payload's bytes as they are (not encoded)."""
+        return self._send(to, bytes(payload), receipt)
+
     def send(self, to: Any, value: Any, receipt: bool = False) -> int:
         """Sends ``value`` (encoded as CBOR) to a :class:`~forkbus.wire.NodeId`, a pid
         (``int``, a node this worker has heard of), a name (``str``), or ``("group", g)``
         / ``"*"`` for everyone. Returns the envelope's sequence number; with ``receipt``,
         :attr:`on_outcome` hears exactly once what became of it."""
+        return self._send(to, cbor2.dumps(value), receipt)
+
+    def _send(self, to: Any, payload: bytes, receipt: bool) -> int:
         if self._draining:
             raise RuntimeError("the tree is draining: nothing new is sent")
         if isinstance(to, NodeId):
@@ -176,7 +183,7 @@ class Worker:
         self._seq += 1
         flags = wire.FLAG_RECEIPT if receipt else 0
         env = wire.Envelope(
-            self._tx_numbered, self.me, seq, 0, 64, flags, dst, cbor2.dumps(value)
+            self._tx_numbered, self.me, seq, 0, 64, flags, dst, payload
         )
         self._tx_numbered += 1
         self.counts["sent"] += 1
