@@ -139,8 +139,11 @@ def test_every_kind_of_address_becomes_its_destination() -> None:
     w.send("*", 5)
     with pytest.raises(LookupError):
         w.send(99999, 6)  # a pid nobody announced
+    w.send_bytes(PARENT, b"as is")
     w._flush()
-    envs = [f for f in read_frames(parent, 5) if isinstance(f, wire.Envelope)]
+    envs = [f for f in read_frames(parent, 6) if isinstance(f, wire.Envelope)]
+    raw = envs.pop()
+    assert raw.payload == b"as is" and raw.seq == 5
     assert [e.destination for e in envs] == [
         wire.Destination("node", node=PARENT),
         wire.Destination("node", node=PARENT),
