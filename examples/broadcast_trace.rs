@@ -19,6 +19,10 @@
 //! 4. prints every node's counters (delivered, forwarded, duplicates and redundant copies
 //!    dropped) in a picture of the tree.
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::number;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -431,17 +435,6 @@ fn below_root(depth: u32, fanout: u32) -> u32 {
     (1..=depth)
         .map(|d| fanout.saturating_pow(d))
         .fold(0, u32::saturating_add)
-}
-
-/// The value of `flag`, a number.
-fn number<T>(p: &mut lexopt::Parser, flag: &str) -> Result<T, lexopt::Error>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    use lexopt::ValueExt as _;
-    let v = p.value()?.string()?;
-    v.parse().map_err(|e| format!("{flag} {v:?}: {e}").into())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -48,6 +48,10 @@
 //! `tests/prefork_http.rs` runs this program under load through a reload, recycling and a
 //! `SIGTERM`.
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::number;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -152,17 +156,6 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
     }
     a.jitter = jitter.unwrap_or(a.max_requests / 10);
     Ok(Some(a))
-}
-
-/// The value of `flag`, a number.
-fn number<T>(p: &mut lexopt::Parser, flag: &str) -> Result<T, lexopt::Error>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    use lexopt::ValueExt as _;
-    let v = p.value()?.string()?;
-    v.parse().map_err(|e| format!("{flag} {v:?}: {e}").into())
 }
 
 /// What the root and the workers say to each other over the bus.

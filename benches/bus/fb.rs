@@ -201,6 +201,19 @@ pub(crate) fn round_trip(
     })
     .map_err(io::Error::from)?;
     after_fork()?;
+    ping(bus, rounds, warmup, "round trip", |_| Ok(()))
+}
+
+/// Adds the root's [`Pinger`], runs `start` (which brings up the far end: it says it is up
+/// with one message, then echoes), takes `rounds` round trips after `warmup`, and shuts
+/// the tree down.
+fn ping(
+    mut bus: Bus,
+    rounds: usize,
+    warmup: usize,
+    what: &str,
+    start: impl FnOnce(&mut Bus) -> io::Result<()>,
+) -> io::Result<(Samples, Tally)> {
     let samples = Rc::new(RefCell::new(Samples::with_capacity(rounds)));
     bus.add_listener(
         0,
@@ -213,8 +226,9 @@ pub(crate) fn round_trip(
             samples: samples.clone(),
         },
     );
-    run_until_stopped(&mut bus, "round trip")?;
-    let tally = check(&finish(bus)?, "round trip");
+    start(&mut bus)?;
+    run_until_stopped(&mut bus, what)?;
+    let tally = check(&finish(bus)?, what);
     let samples = samples.take();
     Ok((samples, tally))
 }
@@ -228,29 +242,14 @@ pub(crate) fn python_round_trip(
     warmup: usize,
 ) -> io::Result<(Samples, Tally)> {
     let root_dir = env!("CARGO_MANIFEST_DIR");
-    let mut bus = root_bus()?;
     let command = forkbus::exec::Command::new(python)
         .arg(format!("{root_dir}/benches/python/echo.py"))
         .env("PYTHONPATH", format!("{root_dir}/python/src"))
         .stdout(forkbus::exec::Output::Inherit)
         .stderr(forkbus::exec::Output::Inherit);
-    let samples = Rc::new(RefCell::new(Samples::with_capacity(rounds)));
-    bus.add_listener(
-        0,
-        Pinger {
-            leaf: None,
-            warmup,
-            left: rounds,
-            payload: vec![7; 64],
-            t: Instant::now(),
-            samples: samples.clone(),
-        },
-    );
-    bus.exec_node(&command).map_err(io::Error::from)?;
-    run_until_stopped(&mut bus, "python round trip")?;
-    let tally = check(&finish(bus)?, "python round trip");
-    let samples = samples.take();
-    Ok((samples, tally))
+    ping(root_bus()?, rounds, warmup, "python round trip", |bus| {
+        bus.exec_node(&command).map(drop).map_err(io::Error::from)
+    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 //! The flags: `--help`'s text, what they set ([`Args`]), and their parsing (lexopt).
 
+#[path = "../common/flags.rs"]
+mod flags;
+use flags::number;
+
 pub(crate) const HELP: &str = "\
 model_workers: a forkbus tree of model-serving workers
 
@@ -73,15 +77,4 @@ pub(crate) fn parse() -> Result<Option<Args>, lexopt::Error> {
     }
     a.kill_at = kill.then(|| kill_at.unwrap_or(a.requests * 7 / 10));
     Ok(Some(a))
-}
-
-/// The value of `flag`, a number.
-fn number<T>(p: &mut lexopt::Parser, flag: &str) -> Result<T, lexopt::Error>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    use lexopt::ValueExt as _;
-    let v = p.value()?.string()?;
-    v.parse().map_err(|e| format!("{flag} {v:?}: {e}").into())
 }

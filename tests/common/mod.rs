@@ -505,6 +505,7 @@ fn newest_source(example: &str) -> SystemTime {
     let mut visit = vec![
         root.join("examples").join(format!("{example}.rs")),
         root.join("examples").join(example),
+        root.join("examples").join("common"),
         root.join("Cargo.toml"),
         root.join("Cargo.lock"),
         root.join("src"),
